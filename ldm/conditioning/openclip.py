@@ -1,0 +1,161 @@
+"""Frozen OpenCLIP text encoder: per-token hidden states (last or penultimate layer) + pooled embedding.
+
+Stable Diffusion 2 conditions on the *penultimate* layer of OpenCLIP ViT-H-14's text tower, followed by the final
+LayerNorm (Rombach et al., SD2 `FrozenOpenCLIPEmbedder`). Weights come from an open_clip pretrained tag, a local
+weights file, or a `local-dir:` folder; with `pretrained=None` the tower is randomly initialised (tests, the CPU
+quickstart), and its weights then travel inside the training checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.transformer import text_global_pool
+from torch import Tensor, nn
+
+from ldm.conditioning.conditioning import Conditioning
+
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(_CONFIG_DIR)  # makes our small towers (e.g. "ldm-tiny-text") known by name
+
+LAYERS = ("last", "penultimate")
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Pretrained weights could not be found locally and could not be downloaded."""
+
+
+class FrozenOpenCLIPTextEncoder(nn.Module):
+    def __init__(
+        self,
+        model_name: str = "ViT-H-14",
+        pretrained: str | None = "laion2b_s32b_b79k",
+        layer: str = "penultimate",
+        context_length: int | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if layer not in LAYERS:
+            raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
+        self.model_name, self.pretrained, self.layer = model_name, pretrained, layer
+        clip = _create_clip(model_name, pretrained, cache_dir)
+        text = clip.text
+        if getattr(text, "cls_emb", None) is not None:
+            raise ValueError(f"{model_name}: text towers with a class token (CoCa) are not supported")
+        self.text = text.requires_grad_(False).eval()
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.context_length = context_length or self.text.context_length
+        self._null: Conditioning | None = None
+
+    @property
+    def width(self) -> int:
+        """Width of the per-token features (the UNet's cross-attention context_dim)."""
+        return self.text.transformer.width
+
+    @property
+    def pooled_dim(self) -> int:
+        proj = self.text.text_projection
+        if proj is None:
+            return self.width
+        return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
+
+    def identity(self) -> dict:
+        """What a checkpoint records about the encoder it was trained with."""
+        return {
+            "model_name": self.model_name,
+            "pretrained": self.pretrained,
+            "layer": self.layer,
+            "context_length": self.context_length,
+            "width": self.width,
+            "weights_in_checkpoint": self.pretrained is None,
+        }
+
+    def train(self, mode: bool = True) -> FrozenOpenCLIPTextEncoder:
+        return super().train(False)  # frozen: dropout etc. stay off whatever the parent module does
+
+    def tokenize(self, prompts: list[str]) -> Tensor:
+        return self.tokenizer(list(prompts), context_length=self.context_length)
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> Conditioning:
+        device = self.text.token_embedding.weight.device
+        ids = self.tokenize(prompts).to(device)  # (B, L)
+        x, attn_mask = self.text._embeds(ids)  # (B, L, D)
+        transformer = self.text.transformer
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)
+        blocks = transformer.resblocks
+        penultimate = None
+        for i, block in enumerate(blocks):
+            x = block(x, attn_mask=attn_mask)
+            if i == len(blocks) - 2:
+                penultimate = x
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)
+            penultimate = None if penultimate is None else penultimate.transpose(0, 1)
+        last = self.text.ln_final(x)
+        hidden = last if self.layer == "last" or penultimate is None else self.text.ln_final(penultimate)
+        pooled = text_global_pool(
+            last, ids, pool_type=self.text.pool_type, eos_token_id=getattr(self.text, "eos_id", None)
+        )
+        proj = self.text.text_projection
+        if proj is not None:
+            pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+        return Conditioning(tokens=hidden, pooled=pooled, mask=ids != 0)
+
+    def null(self, batch_size: int = 1) -> Conditioning:
+        """The empty-prompt conditioning used for classifier-free guidance (cached)."""
+        device = self.text.token_embedding.weight.device
+        if self._null is None or self._null.tokens.device != device:
+            self._null = self([""])
+        return self._null.expand(batch_size)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._null = None  # device/dtype change: recompute the cached null conditioning
+        return super()._apply(fn, recurse)
+
+
+def _create_clip(model_name: str, pretrained: str | None, cache_dir: str | None) -> nn.Module:
+    is_local_dir = model_name.startswith("local-dir:")
+    if pretrained and not is_local_dir and not os.path.isfile(pretrained):
+        tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+        if not tag_cfg:
+            known = open_clip.list_pretrained_tags_by_model(model_name)
+            raise MissingWeightsError(
+                f"text_encoder.pretrained={pretrained!r} is neither a local file nor a known open_clip tag for "
+                f"{model_name} (known tags: {known})"
+            )
+    try:
+        # force_custom_text: the text tower becomes one `clip.text` module; plain-CLIP checkpoints are converted on load
+        clip = open_clip.create_model(
+            model_name, pretrained=pretrained, cache_dir=cache_dir, force_custom_text=True
+        )
+    except (RuntimeError, OSError) as err:
+        if pretrained and not is_local_dir and not os.path.isfile(pretrained):
+            raise MissingWeightsError(_missing_weights_message(model_name, pretrained, cache_dir)) from err
+        raise
+    if hasattr(clip, "visual"):
+        del clip.visual  # only the text tower is used; frees the image tower's memory
+    return clip
+
+
+def _missing_weights_message(model_name: str, tag: str, cache_dir: str | None) -> str:
+    cfg = open_clip.get_pretrained_cfg(model_name, tag)
+    repo, filename = os.path.split(
+        cfg.get("hf_hub", "")
+    )  # "org/name/" → default file name; "org/name/file.bin"
+    filename = filename or "open_clip_model.safetensors (or open_clip_pytorch_model.bin)"
+    source = f"Hugging Face repo '{repo}'" if repo else f"URL {cfg.get('url')}"
+    hf_home = os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))
+    return (
+        f"Could not load OpenCLIP weights {model_name} / {tag!r}: they are not in the local cache and could not be "
+        f"downloaded (offline machine?).\n"
+        f"Missing file: {filename} from {source}.\n"
+        f"Fix one of:\n"
+        f"  - copy the file to this machine and set text_encoder.pretrained=/path/to/{filename.split(' ')[0]}\n"
+        f"  - put open_clip_config.json + the weights in a folder and set text_encoder.model_name=local-dir:/path/to/folder\n"
+        f"  - pre-populate the Hugging Face cache ({cache_dir or os.path.join(hf_home, 'hub')}) on a machine with network"
+    )

@@ -1,0 +1,312 @@
+"""WebDataset pipeline for image-text shards (img2dataset layout): shards → samples → tensors → batches.
+
+Damaged data is skipped and counted, never fatal and never slept on (webdataset's `warn_and_continue` sleeps
+0.5 s per error). Every batch carries how many samples its worker skipped since its previous batch, so the
+training process can sum the counts over workers and ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import re
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import braceexpand
+import torch
+import webdataset as wds
+from webdataset.tariterators import base_plus_ext
+from webdataset.utils import pytorch_worker_info
+
+from ldm.data.transforms import ImageTransform, SampleError, decode_caption, decode_image
+
+logger = logging.getLogger(__name__)
+
+SKIP_REASONS: tuple[str, ...] = ("tar_error", "missing_image", "decode_error", "bad_caption", "other")
+IMAGE_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class SkipCounter:
+    """Skipped samples per reason: `total` since creation, `pending` since the last `take()`.
+
+    A pipeline's stages share one counter; each DataLoader worker holds its own copy.
+    """
+
+    log_every: int = 1000
+    total: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+    pending: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
+
+    def skip(self, reason: str, error: BaseException | str = "", where: str = "") -> bool:
+        """Count one skip; log the first and then every `log_every`-th. Returns True (usable as a handler)."""
+        reason = reason if reason in SKIP_REASONS else "other"
+        self.total[reason] += 1
+        self.pending[reason] += 1
+        count = sum(self.total.values())
+        if count == 1 or count % self.log_every == 0:
+            logger.warning(
+                "skipped %d samples so far %s; latest: %s at %s: %s",
+                count,
+                {k: v for k, v in self.total.items() if v},
+                reason,
+                where,
+                error if isinstance(error, str) else f"{type(error).__name__}: {error}",
+            )
+        return True
+
+    def take(self) -> dict[str, int]:
+        """Skips since the previous call, per reason; resets them."""
+        taken = dict(self.pending)
+        self.pending = dict.fromkeys(SKIP_REASONS, 0)
+        return taken
+
+
+def expand_urls(urls: str | Iterable[str]) -> list[str]:
+    """Shard URLs from a brace pattern, a `::`-separated list of them, a local folder (its *.tar files, sorted),
+    or a list of any of these."""
+    items = [urls] if isinstance(urls, str) else list(urls)
+    expanded = [
+        shard
+        for item in items
+        for part in str(item).split("::")
+        for url in braceexpand.braceexpand(part.strip())
+        if url.strip()
+        for shard in _folder_shards(url.strip())
+    ]
+    if not expanded:
+        raise ValueError(f"no shard URLs in {urls!r}")
+    return expanded
+
+
+def _folder_shards(url: str) -> list[str]:
+    if url.startswith("pipe:") or "://" in url or not os.path.isdir(url):
+        return [url]
+    shards = sorted(str(p) for p in Path(url).glob("*.tar"))
+    if not shards:
+        raise ValueError(f"folder {url} holds no .tar shards")
+    return shards
+
+
+def _stream_rng(seed: int, stage: str, epoch: int) -> random.Random:
+    """A generator distinct for each rank, DataLoader worker, epoch and stage, and reproducible."""
+    rank, _, worker, _ = pytorch_worker_info()
+    return random.Random(f"{seed}/{stage}/rank{rank}/worker{worker}/epoch{epoch}")
+
+
+class ShardList(torch.utils.data.IterableDataset):
+    """Each shard once per iteration, shuffled with the same order on every rank and worker (so that
+    `split_by_node` / `split_by_worker` partition it) and a new order every epoch."""
+
+    def __init__(self, urls: Sequence[str], shuffle: bool = True, seed: int = 0):
+        super().__init__()
+        self.urls, self.shuffle, self.seed = list(urls), shuffle, seed
+        self.epoch = -1  # counted in each process's copy: persistent workers step their own
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        self.epoch += 1
+        urls = list(self.urls)
+        if self.shuffle:
+            random.Random(f"{self.seed}/shards/epoch{self.epoch}").shuffle(urls)
+        for url in urls:
+            yield {"url": url}
+
+
+_META_FILE = re.compile(r"(^|/)__[^/]*__($|/)")
+
+
+def _tar_members_to_samples(stream, url: str) -> Iterator[dict]:
+    """Group consecutive members with the same key; a sample is yielded only once complete."""
+    current: dict | None = None
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if not info.isreg() or _META_FILE.search(info.name):
+                continue
+            key, ext = base_plus_ext(info.name)
+            if key is None:
+                continue
+            if current is not None and key != current["__key__"]:
+                yield current  # complete: a header with a new key has been read
+                current = None
+            data = tar.extractfile(info).read()
+            tar.members = []  # a streaming TarFile otherwise keeps every header of the shard
+            if current is None:
+                current = {"__key__": key, "__url__": url}
+            current[ext.lower()] = data
+    if current is not None:
+        yield current
+
+
+def _close_quietly(stream) -> None:
+    with contextlib.suppress(Exception):  # a pipe closed early reports SIGPIPE; nothing to recover
+        stream.close()
+
+
+class TarSamples:
+    """Shards (dicts with a `url`) → raw samples ({"__key__", "__url__", ext: bytes}).
+
+    Any error in opening or reading a shard (truncated or corrupt tar, failed `pipe:` command) ends that
+    shard: the partly read sample is dropped and the event is counted once as "tar_error". Unlike
+    webdataset's `tarfile_to_samples`, a partial sample can never be merged with the next shard's first one.
+    """
+
+    def __init__(self, counter: SkipCounter):
+        self.counter = counter
+
+    def __call__(self, shards: Iterable[dict]) -> Iterator[dict]:
+        for shard in shards:
+            url = shard["url"]
+            try:
+                stream = wds.gopen(url, "rb")
+            except Exception as exn:
+                self.counter.skip("tar_error", exn, url)
+                continue
+            try:
+                yield from _tar_members_to_samples(stream, url)
+                stream.close()  # a `pipe:` command's exit status is checked here
+            except GeneratorExit:
+                _close_quietly(stream)
+                raise
+            except Exception as exn:
+                _close_quietly(stream)
+                self.counter.skip("tar_error", exn, url)
+
+
+class ShuffleBuffer:
+    """Uniform pick from a buffer of `size` samples; seeded per rank, worker and epoch."""
+
+    def __init__(self, size: int, seed: int = 0, initial: int | None = None):
+        self.size, self.seed = size, seed
+        self.initial = min(size, initial if initial is not None else max(1, size // 10))
+        self.epoch = -1
+
+    def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
+        self.epoch += 1
+        rng = _stream_rng(self.seed, "shuffle", self.epoch)
+        buffer: list = []
+        for count, sample in enumerate(samples, 1):
+            buffer.append(sample)
+            # past `initial`, the buffer grows by one every other sample until it holds `size`
+            if len(buffer) >= self.size or (len(buffer) >= self.initial and count % 2 == 0):
+                i = rng.randrange(len(buffer))
+                buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
+
+class DecodeSamples:
+    """Raw samples → {"image": (3, R, R) float in [-1, 1], "caption": str, "key": str}; bad ones counted."""
+
+    def __init__(
+        self,
+        transform: ImageTransform,
+        counter: SkipCounter,
+        image_keys: Sequence[str] = IMAGE_KEYS,
+        seed: int = 0,
+    ):
+        self.transform, self.counter, self.image_keys, self.seed = transform, counter, tuple(image_keys), seed
+        self.epoch = -1
+
+    def decode(self, sample: dict, rng: random.Random) -> dict:
+        image_key = next((k for k in self.image_keys if k in sample), None)
+        if image_key is None:
+            raise SampleError("missing_image", f"no {'/'.join(self.image_keys)} member")
+        caption = decode_caption(sample)
+        image = decode_image(sample[image_key], min_size=self.transform.resolution)
+        try:
+            tensor = self.transform(image, rng)
+        except Exception as exn:
+            raise SampleError("decode_error", f"transform failed: {type(exn).__name__}: {exn}") from exn
+        return {"image": tensor, "caption": caption, "key": sample["__key__"]}
+
+    def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
+        self.epoch += 1
+        rng = _stream_rng(self.seed, "augment", self.epoch)
+        for sample in samples:
+            try:
+                decoded = self.decode(sample, rng)
+            except SampleError as exn:
+                self.counter.skip(exn.reason, exn, f"{sample.get('__url__')}:{sample.get('__key__')}")
+                continue
+            except Exception as exn:
+                self.counter.skip("other", exn, f"{sample.get('__url__')}:{sample.get('__key__')}")
+                continue
+            yield decoded
+
+
+class Batch:
+    """Samples → {"image": (B, 3, R, R), "caption": [str], "key": [str], "n_skipped": (), "skipped": {reason: ()}}.
+
+    A batch is collated only when the sample after it arrives (or the stream ends), so skips that happen at
+    the end of a finite stream are still reported. With `partial=False` a final short batch is dropped,
+    and with it the skips counted since the batch before.
+    """
+
+    def __init__(self, batch_size: int, counter: SkipCounter, partial: bool = False):
+        self.batch_size, self.counter, self.partial = batch_size, counter, partial
+
+    def collate(self, samples: list[dict]) -> dict:
+        skipped = self.counter.take()
+        return {
+            "image": torch.stack([s["image"] for s in samples]),
+            "caption": [s["caption"] for s in samples],
+            "key": [s["key"] for s in samples],
+            "n_skipped": torch.tensor(sum(skipped.values()), dtype=torch.long),
+            "skipped": {reason: torch.tensor(n, dtype=torch.long) for reason, n in skipped.items()},
+        }
+
+    def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
+        batch: list[dict] = []
+        for sample in samples:
+            if len(batch) == self.batch_size:
+                yield self.collate(batch)
+                batch = []
+            batch.append(sample)
+        if batch and (len(batch) == self.batch_size or self.partial):
+            yield self.collate(batch)
+
+
+def image_text_pipeline(
+    urls: str | Sequence[str],
+    resolution: int,
+    batch_size: int,
+    *,
+    crop: str = "random",
+    shuffle_buffer: int = 1000,
+    resampled: bool = True,
+    seed: int = 0,
+    split_by_node: bool = True,
+    image_keys: Sequence[str] = IMAGE_KEYS,
+    partial_batches: bool = False,
+    hflip_prob: float = 0.0,
+    log_every: int = 1000,
+) -> wds.DataPipeline:
+    """Batches of images and captions from WebDataset shards, for `DataLoader(pipeline, batch_size=None)`.
+
+    urls: brace patterns ("/data/shards-{000000..000099}.tar"), `::`-separated lists, lists of either,
+        local paths or `pipe:` commands ("pipe:curl -s -L https://...").
+    resampled: True → an endless stream of shards drawn with replacement, seeded per rank and worker;
+        False → each shard once per iteration, split across ranks (`split_by_node`) and workers.
+    shuffle_buffer: samples held for shuffling; 0 also keeps the shards in order (for validation).
+    """
+    shard_urls = expand_urls(urls)
+    counter = SkipCounter(log_every=log_every)
+    if resampled:
+        stages: list = [wds.ResampledShards(shard_urls, seed=seed, deterministic=True)]
+    else:
+        stages = [ShardList(shard_urls, shuffle=shuffle_buffer > 0, seed=seed)]
+        if split_by_node:
+            stages.append(wds.split_by_node)
+        stages.append(wds.split_by_worker)
+    stages.append(TarSamples(counter))
+    if shuffle_buffer > 1:
+        stages.append(ShuffleBuffer(shuffle_buffer, seed=seed))
+    transform = ImageTransform(resolution, crop=crop, hflip_prob=hflip_prob)
+    stages.append(DecodeSamples(transform, counter, image_keys=image_keys, seed=seed))
+    stages.append(Batch(batch_size, counter, partial=partial_batches))
+    return wds.DataPipeline(*stages)

@@ -1,0 +1,171 @@
+"""Gaussian diffusion: forward process, parameterizations (eps / v / x0) and the training loss.
+
+Notation (Ho et al. 2020): alpha_bar_t = prod_{s <= t} (1 - beta_s), and the forward marginal (DDPM eq. 4)
+
+    x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps,    eps ~ N(0, I).
+
+Timesteps are 0-based long tensors in [0, T): index t here is step t + 1 of the paper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ldm.diffusion.schedules import make_betas
+
+PREDICTIONS = ("eps", "v", "x0")
+
+
+@dataclass
+class DiffusionLoss:
+    loss: Tensor  # scalar mean over the batch
+    per_sample: Tensor  # (B,) MSE per sample, mean over the non-batch dims
+    t: Tensor  # (B,) long timesteps used
+
+
+def broadcast_to(coef: Tensor, x: Tensor) -> Tensor:
+    """Reshape per-sample coefficients (B,) (or a scalar) to (B, 1, ..., 1) so they broadcast against x."""
+    return coef.reshape(coef.shape + (1,) * (x.ndim - coef.ndim))
+
+
+class GaussianDiffusion:
+    """Forward process and parameterization conversions for a discrete-time Gaussian diffusion.
+
+    The network is a callable ``model_fn(x_t, t) -> output``; ``prediction`` says what the output means:
+
+    - ``"eps"``: the noise (DDPM eq. 11-12).
+    - ``"v"``: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022, sec. 4 / appendix D).
+    - ``"x0"``: the clean data.
+
+    Schedule tensors are kept in float64 and cast to x's dtype and device where they are used, with a cached
+    copy per device, so the methods work with inputs on any device without calling ``to``.
+    """
+
+    def __init__(
+        self,
+        schedule: str = "scaled_linear",
+        num_timesteps: int = 1000,
+        prediction: str = "eps",
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+    ):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
+        self.schedule = schedule
+        self.num_timesteps = num_timesteps
+        self.prediction = prediction
+        betas = make_betas(schedule, num_timesteps, beta_start=beta_start, beta_end=beta_end)
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        # float64 CPU masters; per-device copies are made once and cached (see _buffers).
+        self._master = {
+            "betas": betas,
+            "alphas_cumprod": alphas_cumprod,
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+        }
+        self._cache: dict[torch.device, dict[str, Tensor]] = {}
+        self.betas = betas
+        self.alphas_cumprod = alphas_cumprod
+
+    def __repr__(self) -> str:
+        return (
+            f"GaussianDiffusion(schedule={self.schedule!r}, num_timesteps={self.num_timesteps}, "
+            f"prediction={self.prediction!r})"
+        )
+
+    def _buffers(self, device: torch.device) -> dict[str, Tensor]:
+        """Schedule tensors on ``device``: float64, or float32 on MPS (which has no float64)."""
+        if device not in self._cache:
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            self._cache[device] = {k: v.to(device=device, dtype=dtype) for k, v in self._master.items()}
+        return self._cache[device]
+
+    def to(self, device: torch.device | str) -> GaussianDiffusion:
+        """Put ``betas`` and ``alphas_cumprod`` on ``device``. Optional: the methods follow their inputs' device."""
+        buffers = self._buffers(torch.device(device))
+        self.betas, self.alphas_cumprod = buffers["betas"], buffers["alphas_cumprod"]
+        return self
+
+    def _coef(self, name: str, t: Tensor | int, x: Tensor) -> Tensor:
+        """Gather schedule tensor ``name`` at timesteps t, as x's dtype/device, broadcastable to x."""
+        t = torch.as_tensor(t, device=x.device, dtype=torch.long)
+        return broadcast_to(self._buffers(x.device)[name][t].to(x.dtype), x)
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise (DDPM eq. 4)."""
+        return (
+            self._coef("sqrt_alphas_cumprod", t, x0) * x0
+            + self._coef("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        )
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What the network is trained to output at (x_t, t) in this parameterization."""
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x0
+        # v-prediction, Salimans & Ho 2022 eq. (in sec. 4): v = alpha_t eps - sigma_t x0.
+        return (
+            self._coef("sqrt_alphas_cumprod", t, x0) * noise
+            - self._coef("sqrt_one_minus_alphas_cumprod", t, x0) * x0
+        )
+
+    def to_x0_eps(self, model_output: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Convert a network output in ``self.prediction`` to the implied (x0, eps) at (x_t, t).
+
+        eps: x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)                      (DDPM eq. 4 inverted)
+        x0:  eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab)
+        v:   x0 = sqrt(ab) x_t - sqrt(1 - ab) v,  eps = sqrt(1 - ab) x_t + sqrt(ab) v   (Salimans & Ho 2022)
+        """
+        model_output = model_output.to(x_t.dtype)
+        a = self._coef("sqrt_alphas_cumprod", t, x_t)
+        s = self._coef("sqrt_one_minus_alphas_cumprod", t, x_t)
+        if self.prediction == "eps":
+            eps = model_output
+            return (x_t - s * eps) / a, eps
+        if self.prediction == "x0":
+            x0 = model_output
+            return x0, (x_t - a * x0) / s
+        v = model_output
+        return a * x_t - s * v, s * x_t + a * v
+
+    def sample_timesteps(
+        self, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Uniform long timesteps in [0, T) (DDPM Algorithm 1). The generator must live on ``device``."""
+        return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
+
+    def loss(
+        self,
+        model_fn: Callable[[Tensor, Tensor], Tensor],
+        x0: Tensor,
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> DiffusionLoss:
+        """Simple loss (DDPM eq. 14, generalized to the chosen parameterization): ||model_fn(x_t, t) - target||^2.
+
+        t and noise are drawn with ``generator`` (on x0's device) when not given. The squared error is taken
+        in at least float32, so a bf16 network output is compared in full precision.
+        """
+        b = x0.shape[0]
+        if t is None:
+            t = self.sample_timesteps(b, x0.device, generator=generator)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_t = self.q_sample(x0, t, noise)
+        output = model_fn(x_t, t)
+        target = self.target(x0, noise, t)
+        dtype = torch.promote_types(torch.promote_types(output.dtype, target.dtype), torch.float32)
+        per_sample = (output.to(dtype) - target.to(dtype)).square().reshape(b, -1).mean(dim=1)
+        return DiffusionLoss(loss=per_sample.mean(), per_sample=per_sample, t=t)
+
+    def snr(self, t: Tensor) -> Tensor:
+        """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) (Kingma et al. 2021), float32 on t's device."""
+        t = torch.as_tensor(t, dtype=torch.long)
+        ab = self._buffers(t.device)["alphas_cumprod"][t]
+        return (ab / (1.0 - ab)).to(torch.float32)

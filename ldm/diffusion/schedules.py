@@ -1,0 +1,39 @@
+"""Noise schedules: the betas of the forward process q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCHEDULES = ("linear", "scaled_linear", "cosine")
+
+
+def make_betas(
+    kind: str,
+    num_timesteps: int,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    cosine_s: float = 0.008,
+) -> torch.Tensor:
+    """Return the (num_timesteps,) float64 betas of a named schedule.
+
+    - ``"linear"``: ``linspace(beta_start, beta_end)`` (DDPM, Ho et al. 2020 sec. 4 uses 1e-4 .. 0.02).
+    - ``"scaled_linear"``: ``linspace(sqrt(beta_start), sqrt(beta_end)) ** 2`` (Stable Diffusion / LDM defaults).
+    - ``"cosine"``: alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t / T) + s) / (1 + s) * pi / 2)
+      (Nichol & Dhariwal 2021, eq. 17), beta_t = 1 - alpha_bar(t) / alpha_bar(t - 1) clipped at 0.999.
+      ``beta_start`` / ``beta_end`` are ignored.
+    """
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+    if kind == "linear":
+        return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+    if kind == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
+    if kind == "cosine":
+        steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        f = torch.cos((steps + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
+        alpha_bar = f / f[0]
+        betas = 1 - alpha_bar[1:] / alpha_bar[:-1]
+        return betas.clamp(max=0.999)
+    raise ValueError(f"unknown noise schedule {kind!r}; valid kinds: {', '.join(SCHEDULES)}")

@@ -1,0 +1,211 @@
+"""Text → image with a trained latent diffusion model: load a checkpoint bundle, encode prompts, sample, decode.
+
+Never imports `ldm.training`: a checkpoint describes itself (config, weights, latent scale), so sampling needs
+nothing but the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ldm.conditioning import Conditioning, FrozenOpenCLIPTextEncoder
+from ldm.diffusion import GaussianDiffusion, classifier_free_guidance
+from ldm.models import CrossAttentionUNet, KLAutoencoder
+from ldm.utils.checkpoint import load_bundle, submodule_state
+from ldm.utils.images import labelled_grid, save_png, to_pil
+
+Denoiser = Callable[[Tensor, Tensor, Conditioning], Tensor]
+
+
+def unet_denoiser(unet: CrossAttentionUNet) -> Denoiser:
+    """The one denoiser contract (DESIGN.md §1): (x_t, t, cond) → network output in the model's parameterization."""
+
+    def denoise(x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        pooled = cond.pooled if getattr(unet, "pooled_dim", None) else None
+        return unet(x, t, cond.tokens, pooled=pooled)
+
+    return denoise
+
+
+class LatentCodec(nn.Module):
+    """The autoencoder plus the latent normalisation measured for it: z_model = (z - shift) · scale.
+
+    `scale` is NaN until measured (stage 2 measures it on its first batch when the autoencoder checkpoint has none);
+    both are buffers, so they are saved with and restored from every checkpoint.
+    """
+
+    def __init__(self, autoencoder: KLAutoencoder, scale: float | None = None, shift: float = 0.0) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder.requires_grad_(False).eval()
+        self.register_buffer("scale", torch.tensor(float("nan") if scale is None else float(scale)))
+        self.register_buffer("shift", torch.tensor(float(shift)))
+
+    @property
+    def is_calibrated(self) -> bool:
+        return bool(torch.isfinite(self.scale))
+
+    def train(self, mode: bool = True) -> LatentCodec:
+        return super().train(False)  # frozen
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        posterior = self.autoencoder.encode(images)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return (z - self.shift) * self.scale
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:
+        return self.autoencoder.decode(z / self.scale + self.shift)
+
+
+class TextToImage:
+    def __init__(
+        self,
+        unet: CrossAttentionUNet,
+        codec: LatentCodec,
+        text_encoder: FrozenOpenCLIPTextEncoder,
+        diffusion: GaussianDiffusion,
+        image_size: int | tuple[int, int] = 256,
+    ) -> None:
+        self.unet, self.codec, self.text_encoder, self.diffusion = unet, codec, text_encoder, diffusion
+        self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def to(self, device: str | torch.device) -> TextToImage:
+        for m in (self.unet, self.codec, self.text_encoder):
+            m.to(device)
+        return self
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.codec.autoencoder.downsample_factor
+        if height % f or width % f:
+            raise ValueError(
+                f"height and width must be multiples of the autoencoder's factor {f}, got {height}x{width}"
+            )
+        return (self.unet.in_channels, height // f, width // f)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        sampler: Callable,
+        guidance_scale: float = 5.0,
+        seeds: Sequence[int] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1]; seed i fixes the initial noise of prompt i whatever the batch."""
+        height, width = height or self.image_size[0], width or self.image_size[1]
+        seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        shape = self.latent_shape(height, width)
+        noise = torch.stack(
+            [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        )
+        cond = self.text_encoder(list(prompts))
+        uncond = self.text_encoder.null(len(prompts)) if guidance_scale != 1.0 else None
+        model_fn = classifier_free_guidance(
+            unet_denoiser(self.unet), cond, uncond, guidance_scale, cat=Conditioning.cat
+        )
+        generator = torch.Generator(self.device).manual_seed(int(seeds[0]))
+        z = sampler(model_fn, self.diffusion, noise.to(self.device), generator=generator, progress=progress)
+        return ((self.codec.decode(z) + 1) / 2).clamp(0, 1)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | os.PathLike, use_ema: bool = True, device: str | torch.device = "cpu"
+    ) -> tuple[TextToImage, dict]:
+        """Build the pipeline a diffusion checkpoint describes; returns (pipeline, self-description)."""
+        from ldm.utils.hydra_build import build_autoencoder, build_denoising_parts
+
+        bundle, ckpt = load_bundle(path)
+        if bundle.get("stage") != "diffusion":
+            raise ValueError(
+                f"{path} is a '{bundle.get('stage')}' checkpoint; sampling needs a diffusion (stage 2) one"
+            )
+        cfg = bundle["config"]
+        state = ckpt["state_dict"]
+        parts = build_denoising_parts(cfg)
+        unet, text_encoder = parts["unet"], parts["text_encoder"]
+        unet.load_state_dict(submodule_state(state, "ema.module" if use_ema else "unet"))
+        if bundle["text_encoder"]["weights_in_checkpoint"]:
+            text_encoder.load_state_dict(submodule_state(state, "text_encoder"))
+        codec = LatentCodec(build_autoencoder(cfg))
+        codec.load_state_dict(submodule_state(state, "codec"))
+        pipe = cls(unet.eval(), codec.eval(), text_encoder, parts["diffusion"], cfg["data"]["resolution"])
+        return pipe.to(device), bundle
+
+
+def read_prompts(
+    prompts: Sequence[str] | None = None, prompts_file: str | os.PathLike | None = None
+) -> list[str]:
+    """Prompts from a list and/or a text file (one per line; blank lines and lines starting with # skipped)."""
+    out = [str(p) for p in (prompts or [])]
+    if prompts_file:
+        lines = Path(prompts_file).read_text(encoding="utf-8").splitlines()
+        out += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not out:
+        raise ValueError(
+            "no prompts: pass prompts='[a prompt, another prompt]' or prompts_file=path/to/prompts.txt"
+        )
+    return out
+
+
+def write_samples(
+    pipe: TextToImage,
+    prompts: Sequence[str],
+    sampler: Callable,
+    out_dir: str | os.PathLike,
+    num_per_prompt: int = 4,
+    guidance_scale: float = 5.0,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 16,
+    extra_metadata: dict | None = None,
+) -> Path:
+    """One PNG per image (settings in its metadata) and a grid with a row per prompt; returns the grid's path.
+
+    Image j of every prompt uses seed `seed + j`, so a prompt's images do not depend on the other prompts.
+    """
+    out_dir = Path(out_dir)
+    height, width = height or pipe.image_size[0], width or pipe.image_size[1]
+    jobs = [(i, p, seed + j) for i, p in enumerate(prompts) for j in range(num_per_prompt)]
+    images = []
+    steps = getattr(sampler, "num_steps", None) or pipe.diffusion.num_timesteps
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        batch = pipe([p for _, p, _ in chunk], sampler, guidance_scale, [s for *_, s in chunk], height, width)
+        for (i, prompt, s), image in zip(chunk, batch.cpu(), strict=True):
+            meta = {
+                "prompt": prompt,
+                "seed": s,
+                "steps": steps,
+                "guidance_scale": guidance_scale,
+                "sampler": type(sampler).__name__,
+                "height": height,
+                "width": width,
+                **(extra_metadata or {}),
+            }
+            save_png(to_pil(image), out_dir / "images" / f"{i:03d}_{s:06d}.png", meta)
+            images.append(image)
+    grid = labelled_grid(torch.stack(images), num_per_prompt, list(prompts))
+    meta = {
+        "prompts": list(prompts),
+        "seed": seed,
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "sampler": type(sampler).__name__,
+        **(extra_metadata or {}),
+    }
+    return save_png(grid, out_dir / "grid.png", meta)

@@ -1,0 +1,106 @@
+"""Callbacks: sample grids of fixed prompts (stage 2) and reconstruction grids (stage 1), saved and logged."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from ldm.utils.images import labelled_grid, save_png
+
+
+def _log_image(trainer: L.Trainer, key: str, image, caption: str) -> None:
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[image], caption=[caption], step=trainer.global_step)
+
+
+def _out_dir(trainer: L.Trainer, name: str) -> Path:
+    return Path(trainer.default_root_dir) / name
+
+
+class SampleGridCallback(L.Callback):
+    """Every `every_n_steps` (and at the end of training) sample `prompts` with the EMA weights."""
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        sampler,
+        every_n_steps: int = 1000,
+        num_per_prompt: int = 4,
+        guidance_scale: float = 5.0,
+        seed: int = 0,
+        use_ema: bool = True,
+        at_train_end: bool = True,
+    ) -> None:
+        self.prompts, self.sampler = list(prompts), sampler
+        self.every_n_steps, self.num_per_prompt = every_n_steps, num_per_prompt
+        self.guidance_scale, self.seed, self.use_ema, self.at_train_end = (
+            guidance_scale,
+            seed,
+            use_ema,
+            at_train_end,
+        )
+        self.last_grid: Path | None = None
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
+            self.make_grid(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.at_train_end:
+            self.make_grid(trainer, pl_module)
+
+    @rank_zero_only
+    def make_grid(self, trainer, pl_module) -> Path | None:
+        step = trainer.global_step
+        if step == self._last_step or not self.prompts:
+            return self.last_grid
+        self._last_step = step
+        prompts = [p for p in self.prompts for _ in range(self.num_per_prompt)]
+        seeds = [self.seed + i for i in range(self.num_per_prompt)] * len(self.prompts)
+        images = pl_module.generate(prompts, self.sampler, self.guidance_scale, seeds, use_ema=self.use_ema)
+        grid = labelled_grid(images.cpu(), self.num_per_prompt, self.prompts)
+        meta = {
+            "step": step,
+            "guidance_scale": self.guidance_scale,
+            "prompts": self.prompts,
+            "seed": self.seed,
+        }
+        self.last_grid = save_png(grid, _out_dir(trainer, "samples") / f"step_{step:07d}.png", meta)
+        _log_image(trainer, "samples/grid", grid, f"step {step}, guidance {self.guidance_scale}")
+        return self.last_grid
+
+
+class ReconstructionGridCallback(L.Callback):
+    """Every `every_n_steps`: input | reconstruction pairs of the current batch's first images."""
+
+    def __init__(self, every_n_steps: int = 1000, num_images: int = 8, at_train_end: bool = True) -> None:
+        self.every_n_steps, self.num_images, self.at_train_end = every_n_steps, num_images, at_train_end
+        self._batch = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._batch = batch["image"][: self.num_images].detach()
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
+            self.make_grid(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.at_train_end and self._batch is not None:
+            self.make_grid(trainer, pl_module)
+
+    @rank_zero_only
+    def make_grid(self, trainer, pl_module) -> Path:
+        x = self._batch.to(pl_module.device)
+        recon = pl_module.reconstruct(x)
+        pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # (2N, C, H, W): input, output, input, output …
+        grid = labelled_grid((pairs.cpu() + 1) / 2, ncols=2 * min(4, len(x)))
+        path = save_png(grid, _out_dir(trainer, "reconstructions") / f"step_{trainer.global_step:07d}.png")
+        _log_image(trainer, "reconstructions/grid", grid, "input | reconstruction")
+        return path

@@ -1,0 +1,54 @@
+"""Weights & Biases logger that runs offline, without asking, when no API key is configured."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from collections.abc import Sequence
+
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+
+def wandb_api_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_logger(
+    project: str = "ldm",
+    name: str | None = None,
+    save_dir: str = ".",
+    offline: bool | None = None,
+    entity: str | None = None,
+    group: str | None = None,
+    tags: Sequence[str] = (),
+    id: str | None = None,
+    log_model: bool = False,
+) -> WandbLogger:
+    """offline=None: online if an API key is configured (WANDB_API_KEY or `wandb login`), else offline.
+
+    Offline runs are written under `save_dir/wandb/` and can be uploaded later with `wandb sync`.
+    """
+    if offline is None:
+        offline = os.environ.get("WANDB_MODE") == "offline" or not wandb_api_key_available()
+        if offline:
+            rank_zero_info(
+                f"W&B: no API key found, logging offline to {save_dir}/wandb (upload later: wandb sync)"
+            )
+    os.makedirs(save_dir, exist_ok=True)
+    return WandbLogger(
+        project=project,
+        name=name,
+        save_dir=save_dir,
+        offline=offline,
+        entity=entity,
+        group=group,
+        tags=list(tags),
+        id=id,
+        log_model=log_model,
+    )

@@ -1,0 +1,64 @@
+"""What both stages' LightningModules share: optimizer set-up, common logging, the self-describing checkpoint."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from ldm.training.optim import AdamWSettings
+from ldm.utils.checkpoint import BUNDLE_KEY, FORMAT_VERSION
+
+NUM_TIMESTEP_BINS = 10
+
+
+class LDMModuleBase(L.LightningModule):
+    stage: str = ""
+
+    def __init__(self, optim: AdamWSettings, config: dict | None = None) -> None:
+        super().__init__()
+        self.optim_settings = optim
+        self.config = config  # the resolved run config, as plain containers; written into every checkpoint
+        self.skipped_samples = 0
+
+    def trainable_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Stage-specific part of the checkpoint's self-description."""
+        return {}
+
+    def configure_optimizers(self):
+        max_steps = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
+        optimizer, scheduler = self.optim_settings.build(self.trainable_module(), max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.trainable_module().parameters() if p.grad is not None]
+        if grads:  # before clipping: the norm the clip threshold is compared against
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), prog_bar=False)
+
+    def log_data_stats(self, batch: dict) -> None:
+        """Samples the loader skipped (corrupt/undecodable), summed over its workers; per rank."""
+        skipped = batch.get("n_skipped")
+        if skipped is not None:
+            self.skipped_samples += int(skipped)
+            self.log("data/skipped_samples", float(self.skipped_samples))
+
+    def log_per_timestep_loss(self, per_sample: Tensor, t: Tensor, num_timesteps: int) -> None:
+        """Mean loss in each of NUM_TIMESTEP_BINS timestep bins present in the batch (where the model struggles)."""
+        bins = (t * NUM_TIMESTEP_BINS // num_timesteps).clamp(max=NUM_TIMESTEP_BINS - 1)
+        width = num_timesteps // NUM_TIMESTEP_BINS
+        for b in bins.unique().tolist():
+            sel = bins == b
+            self.log(
+                f"train_loss_by_t/{b * width:04d}-{(b + 1) * width - 1:04d}", per_sample[sel].mean().detach()
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[BUNDLE_KEY] = {
+            "format_version": FORMAT_VERSION,
+            "stage": self.stage,
+            "config": self.config,
+            **self.describe(),
+        }

@@ -1,0 +1,63 @@
+"""AdamW with a linear warm-up, then constant or cosine decay: the `optim` config group."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class AdamWSettings:
+    lr: float = 1e-4
+    betas: Sequence[float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_steps: int = 1000
+    decay: str = "constant"  # "constant" | "cosine" (to min_lr_ratio · lr at trainer.max_steps)
+    min_lr_ratio: float = 0.0
+    fused: bool | None = None  # None: fused kernels on CUDA, plain on CPU
+
+    def __post_init__(self) -> None:
+        if self.decay not in ("constant", "cosine"):
+            raise ValueError(f"optim.decay must be 'constant' or 'cosine', got {self.decay!r}")
+
+    def build(
+        self, model: nn.Module, total_steps: int | None = None
+    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+        fused = torch.cuda.is_available() if self.fused is None else self.fused
+        optimizer = torch.optim.AdamW(
+            param_groups(model, self.weight_decay),
+            lr=self.lr,
+            betas=tuple(self.betas),
+            eps=self.eps,
+            fused=fused,
+        )
+        if self.decay == "cosine" and not (total_steps and total_steps > 0):
+            raise ValueError("optim.decay=cosine needs trainer.max_steps > 0")
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor_fn(total_steps))
+
+    def lr_factor_fn(self, total_steps: int | None):
+        warmup, decay, floor = self.warmup_steps, self.decay, self.min_lr_ratio
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if decay == "constant":
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        return factor
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and kernels only; none on biases, norm scales and other 1-D parameters."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

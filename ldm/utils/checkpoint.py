@@ -1,0 +1,58 @@
+"""Checkpoint files: written atomically, read as data (`weights_only=True`), never as code."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BUNDLE_KEY = "ldm"  # where a checkpoint keeps its self-description (config, latent scale, text encoder …)
+FORMAT_VERSION = 1
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the target directory, fsync, then rename over `path`.
+
+    A crash mid-write leaves the previous file intact; readers never see a half-written checkpoint.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint as plain data; fails on anything that would need to execute pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_bundle(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[dict, dict]:
+    """(self-description, full checkpoint) of an ldm checkpoint; a clear error for files that are not ours."""
+    ckpt = load_checkpoint(path, map_location)
+    bundle = ckpt.get(BUNDLE_KEY)
+    if not isinstance(bundle, dict) or "config" not in bundle:
+        raise ValueError(
+            f"{path} is not an ldm checkpoint (no '{BUNDLE_KEY}' section with a config); "
+            "pass a checkpoint written by `python train.py ...`"
+        )
+    return bundle, ckpt
+
+
+def submodule_state(state_dict: dict, prefix: str) -> dict:
+    """The entries of `state_dict` under `prefix.` with the prefix stripped."""
+    prefix = prefix.rstrip(".") + "."
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}

@@ -1,0 +1,99 @@
+"""Building the parts from a (resolved) config, and checking a config before anything heavy runs.
+
+The one place besides the entry points and `ldm.training.run` that knows about Hydra/OmegaConf. Every config
+group node carries a `_target_`, a typed constructor; `check_config` fails early, with the key and the accepted
+names, when a node sets a key that its constructor does not take (a typo in an experiment, say).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+def _auto_precision() -> str:
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def register_resolvers() -> None:
+    """`${ldm_precision:}` → bf16-mixed on a GPU that has bf16, 32-true on CPU."""
+    if not OmegaConf.has_resolver("ldm_precision"):
+        OmegaConf.register_new_resolver("ldm_precision", _auto_precision)
+
+
+register_resolvers()
+
+
+def as_config(cfg: Mapping | DictConfig) -> DictConfig:
+    return cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+
+
+def to_plain(cfg: DictConfig | Mapping) -> dict:
+    """Resolved config as plain Python containers (safe for `torch.load(weights_only=True)`)."""
+    return OmegaConf.to_container(as_config(cfg), resolve=True, throw_on_missing=False)
+
+
+def import_target(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"_target_ {path!r} cannot be imported: {err}") from err
+
+
+def check_config(cfg: DictConfig | Mapping, where: str = "") -> None:
+    """Every `_target_` node: the target imports, and each key is a parameter of its constructor."""
+    if isinstance(cfg, DictConfig | Mapping):
+        keys = list(cfg.keys())
+        if "_target_" in keys:
+            target = import_target(cfg["_target_"])
+            params = inspect.signature(target).parameters
+            takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+            if not takes_kwargs:
+                for key in keys:
+                    if key.startswith("_") or key in params:
+                        continue
+                    near = difflib.get_close_matches(key, list(params), n=1)
+                    hint = f"; did you mean {near[0]!r}?" if near else ""
+                    raise ValueError(
+                        f"config {where or '<root>'}: {key!r} is not a parameter of {cfg['_target_']} "
+                        f"(accepted: {', '.join(p for p in params if p != 'self')}){hint}"
+                    )
+        for key in keys:
+            value = cfg._get_node(key) if isinstance(cfg, DictConfig) else cfg[key]
+            if isinstance(value, DictConfig | ListConfig | Mapping | list):
+                check_config(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(cfg, ListConfig | list):
+        for i, item in enumerate(cfg):
+            check_config(item, f"{where}[{i}]")
+
+
+def build_text_encoder(cfg: Mapping):
+    return instantiate(as_config(cfg).text_encoder)
+
+
+def build_autoencoder(cfg: Mapping):
+    return instantiate(as_config(cfg).autoencoder)
+
+
+def build_denoising_parts(cfg: Mapping, text_encoder=None) -> dict:
+    """unet (its context width taken from the text encoder), text encoder, diffusion."""
+    cfg = as_config(cfg)
+    text_encoder = text_encoder if text_encoder is not None else build_text_encoder(cfg)
+    unet_kwargs = {}
+    if cfg.unet.get("context_dim") is None:
+        unet_kwargs["context_dim"] = text_encoder.width
+    if cfg.unet.get("pooled_dim", None) == "auto":
+        unet_kwargs["pooled_dim"] = text_encoder.pooled_dim
+    return {
+        "unet": instantiate(cfg.unet, **unet_kwargs),
+        "text_encoder": text_encoder,
+        "diffusion": instantiate(cfg.diffusion),
+    }

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Idempotent set-up: .venv with ldm (editable), its pinned dependencies and the test tools.
+# Re-runs are fast: pip runs again only when pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "ldm needs Python >= 3.11; found $("$PY" --version 2>&1). Set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.ldm-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setting up .venv (torch, lightning, open_clip, webdataset, wandb …; about a minute)"
+  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+  touch "$stamp"
+fi

@@ -1,0 +1,110 @@
+"""EMA, optimizer schedule, checkpoint I/O: the pieces of training that do not need a Trainer."""
+
+import math
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from ldm.training.checkpoint_io import AtomicCheckpointIO
+from ldm.training.ema import EMA
+from ldm.training.optim import AdamWSettings, param_groups
+from ldm.utils.checkpoint import atomic_save, load_bundle, load_checkpoint, submodule_state
+
+
+def test_ema_follows_the_warmup_formula():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    ema = EMA(model, decay=0.99, warmup=True)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    for n in range(30):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        decay = min(0.99, (1 + n) / (10 + n))
+        ema.update(model)
+        for k, v in model.state_dict().items():
+            expected[k] = decay * expected[k] + (1 - decay) * v
+    for k, v in ema.module.state_dict().items():
+        torch.testing.assert_close(v, expected[k])
+    assert int(ema.num_updates) == 30
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_ema_without_warmup_and_decay_bounds():
+    model = nn.Linear(2, 2)
+    ema = EMA(model, decay=0.5, warmup=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        ema.module.weight.fill_(0.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.module.weight, torch.full((2, 2), 0.5))
+    with pytest.raises(ValueError):
+        EMA(model, decay=1.5)
+
+
+def test_lr_warmup_then_cosine():
+    model = nn.Linear(4, 4)
+    settings = AdamWSettings(lr=1.0, warmup_steps=10, decay="cosine", min_lr_ratio=0.1)
+    opt, sched = settings.build(model, total_steps=110)
+    lrs = []
+    for _ in range(110):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    for step in (10, 35, 60, 109):
+        progress = (step - 10) / 100
+        assert lrs[step] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    with pytest.raises(ValueError):
+        AdamWSettings(decay="cosine").build(model, total_steps=None)
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    decay, no_decay = param_groups(model, 0.1)
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight)}
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_atomic_save_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    atomic_save({"step": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+class _Payload:
+    """Any class that unpickling would have to import and construct."""
+
+
+def test_checkpoints_are_loaded_as_data_only(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "object": _Payload()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(path)
+    with pytest.raises(pickle.UnpicklingError):
+        AtomicCheckpointIO().load_checkpoint(path)
+    with pytest.raises(ValueError, match="weights_only=False"):
+        AtomicCheckpointIO().load_checkpoint(path, weights_only=False)
+
+
+def test_bundle_errors_and_submodule_state(tmp_path):
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {"unet.w": torch.ones(1), "ema.module.w": torch.zeros(1)}}, plain)
+    with pytest.raises(ValueError, match="not an ldm checkpoint"):
+        load_bundle(plain)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.ckpt")
+    state = load_checkpoint(plain)["state_dict"]
+    assert submodule_state(state, "ema.module") == {"w": torch.zeros(1)}
