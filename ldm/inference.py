@@ -26,8 +26,7 @@ def unet_denoiser(unet: CrossAttentionUNet) -> Denoiser:
     """The one denoiser contract (DESIGN.md §1): (x_t, t, cond) → network output in the model's parameterization."""
 
     def denoise(x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        pooled = cond.pooled if getattr(unet, "pooled_dim", None) else None
-        return unet(x, t, cond.tokens, pooled=pooled)
+        return unet(x, t, cond.tokens, pooled=cond.pooled)  # pooled is used only by UNets built with pooled_dim
 
     return denoise
 

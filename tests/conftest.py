@@ -1,3 +1,11 @@
+"""Test-wide settings: no network, W&B offline, quiet."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub look-up would otherwise retry for ~45 s before failing
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
 import pytest
 
 

@@ -97,4 +97,5 @@ def test_laion_256_builds_and_steps():
     assert torch.isfinite(loss)
     grads = [p.grad for p in unet.parameters() if p.grad is not None]
     assert len(grads) == len(list(unet.parameters()))
+    assert unet.out[-1].weight.grad.abs().sum() > 0  # the zero-initialised output conv is what learns first
     assert all(p.grad is None for p in text_encoder.parameters())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -308,8 +307,8 @@ def test_unet_gradient_checkpointing_same_gradients(monkeypatch):
         grads.append([ctx.grad] + [p.grad for p in model.parameters()])
     for g_plain, g_ckpt in zip(*grads, strict=True):
         torch.testing.assert_close(g_ckpt, g_plain, rtol=1e-4, atol=1e-6)
-    # 1 level-1 res block + transformer, 1 level-2 pair, 3 middle, 2 x 2 output pairs: 11 checkpointed modules
-    assert sorted(set(calls)) == ["ResnetBlock", "SpatialTransformer"] and len(calls) == 11
+    # (res block + transformer): 2 input levels x 1, middle 3 modules, 2 output levels x 2 -> 4 + 3 + 8
+    assert sorted(set(calls)) == ["ResnetBlock", "SpatialTransformer"] and len(calls) == 15
     calls.clear()
     with torch.no_grad():
         ckpt.eval()(x, t, context)
@@ -342,18 +341,5 @@ def test_tiny_unet_param_count(num_res_blocks, expected):
     assert n_params(CrossAttentionUNet(**{**TINY_UNET, "num_res_blocks": num_res_blocks})) == expected
 
 
-@pytest.mark.slow
-def test_sd2_base_unet_param_count_and_backward():
-    torch.manual_seed(0)
-    unet = CrossAttentionUNet()  # SD2-base sizes are the defaults
-    count = n_params(unet)
-    assert abs(count - 865_910_724) / 865_910_724 < 0.005
-    x = torch.randn(1, 4, 32, 32)  # a 256-px image at f8
-    context = torch.randn(1, 77, 1024, requires_grad=True)
-    start = time.perf_counter()
-    out = unet(x, torch.tensor([500]), context)
-    (out - 1.0).square().mean().backward()  # out is 0 at init: a zero target would give zero gradients
-    elapsed = time.perf_counter() - start
-    assert out.shape == x.shape
-    assert unet.out[-1].weight.grad.abs().sum() > 0
-    print(f"SD2-base UNet: {count:,} params, forward+backward at 32x32 latents {elapsed:.1f} s")
+# The SD2-base UNet (865,910,724 parameters) is built and stepped, composed from `experiment=laion_256`, in
+# tests/test_configs.py::test_laion_256_builds_and_steps.

@@ -19,7 +19,8 @@ class LDMModuleBase(L.LightningModule):
         super().__init__()
         self.optim_settings = optim
         self.config = config  # the resolved run config, as plain containers; written into every checkpoint
-        self.skipped_samples = 0
+        self.skipped_samples = 0  # per rank, since the start of this process
+        self.skipped_by_reason: dict[str, int] = {}
 
     def trainable_module(self) -> nn.Module:
         raise NotImplementedError
@@ -39,10 +40,12 @@ class LDMModuleBase(L.LightningModule):
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), prog_bar=False)
 
     def log_data_stats(self, batch: dict) -> None:
-        """Samples the loader skipped (corrupt/undecodable), summed over its workers; per rank."""
-        skipped = batch.get("n_skipped")
-        if skipped is not None:
-            self.skipped_samples += int(skipped)
+        """Samples the loader skipped (corrupt/undecodable), summed over its workers, in total and per reason."""
+        for reason, count in (batch.get("skipped") or {}).items():
+            self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + int(count)
+            self.log(f"data/skipped_{reason}", float(self.skipped_by_reason[reason]))
+        if batch.get("n_skipped") is not None:
+            self.skipped_samples += int(batch["n_skipped"])
             self.log("data/skipped_samples", float(self.skipped_samples))
 
     def log_per_timestep_loss(self, per_sample: Tensor, t: Tensor, num_timesteps: int) -> None:
