@@ -26,7 +26,9 @@ def unet_denoiser(unet: CrossAttentionUNet) -> Denoiser:
     """The one denoiser contract (DESIGN.md §1): (x_t, t, cond) → network output in the model's parameterization."""
 
     def denoise(x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        return unet(x, t, cond.tokens, pooled=cond.pooled)  # pooled is used only by UNets built with pooled_dim
+        return unet(
+            x, t, cond.tokens, pooled=cond.pooled
+        )  # pooled is used only by UNets built with pooled_dim
 
     return denoise
 
@@ -51,11 +53,14 @@ class LatentCodec(nn.Module):
     def train(self, mode: bool = True) -> LatentCodec:
         return super().train(False)  # frozen
 
+    def normalize(self, z: Tensor) -> Tensor:
+        """Autoencoder latents → the diffusion model's latents."""
+        return (z - self.shift) * self.scale
+
     @torch.no_grad()
     def encode(self, images: Tensor, sample: bool = True, generator: torch.Generator | None = None) -> Tensor:
         posterior = self.autoencoder.encode(images)
-        z = posterior.sample(generator) if sample else posterior.mode()
-        return (z - self.shift) * self.scale
+        return self.normalize(posterior.sample(generator) if sample else posterior.mode())
 
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
@@ -143,6 +148,21 @@ class TextToImage:
         codec.load_state_dict(submodule_state(state, "codec"))
         pipe = cls(unet.eval(), codec.eval(), text_encoder, parts["diffusion"], cfg["data"]["resolution"])
         return pipe.to(device), bundle
+
+
+def load_autoencoder(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[KLAutoencoder, dict]:
+    """The autoencoder of a stage-1 checkpoint (architecture from its config), frozen, and its self-description
+    (with `latent_scale` / `latent_shift` / `latent_stats` when they have been measured)."""
+    from ldm.utils.hydra_build import build_autoencoder
+
+    bundle, ckpt = load_bundle(path)
+    if bundle.get("stage") != "autoencoder":
+        raise ValueError(f"{path} is a '{bundle.get('stage')}' checkpoint, not a stage-1 (autoencoder) one")
+    autoencoder = build_autoencoder(bundle["config"])
+    autoencoder.load_state_dict(submodule_state(ckpt["state_dict"], "autoencoder"))
+    return autoencoder.requires_grad_(False).eval().to(device), bundle
 
 
 def read_prompts(

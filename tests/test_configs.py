@@ -37,7 +37,9 @@ def test_experiment_composes_and_checks(experiment):
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
 def test_group_option_instantiates(group, option, tmp_path):
-    cfg = compose_train(f"{group}={option}", run_dir=str(tmp_path))
+    # the ImageNet VGG of LPIPS cannot be downloaded here: random init (its loading is tested in test_autoencoder_loss)
+    offline = ["stage.loss.lpips.pretrained=false"] if (group, option) == ("stage", "autoencoder") else []
+    cfg = compose_train(f"{group}={option}", *offline, run_dir=str(tmp_path))
     check_config(cfg)
     if (group, option) in HEAVY:
         pytest.skip("built in test_laion_256_builds_and_steps")
@@ -99,3 +101,12 @@ def test_laion_256_builds_and_steps():
     assert len(grads) == len(list(unet.parameters()))
     assert unet.out[-1].weight.grad.abs().sum() > 0  # the zero-initialised output conv is what learns first
     assert all(p.grad is None for p in text_encoder.parameters())
+
+
+def test_stage1_without_lpips_weights_fails_naming_the_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty torch hub cache
+    cfg = compose_train("experiment=vae_laion_256")
+    with pytest.raises(InstantiationException, match="vgg16-397923af.pth") as err:
+        instantiate(cfg.stage)
+    assert isinstance(err.value.__cause__, MissingWeightsError)
+    assert "stage.loss.lpips.vgg_weights=" in str(err.value)

@@ -11,8 +11,22 @@ from .helpers import ROOT
 
 @pytest.mark.slow
 def test_quickstart_script_runs_end_to_end(tmp_path):
-    cmd = [sys.executable, "scripts/quickstart.py", "--out", str(tmp_path / "qs"), "--num-samples", "300",
-           "--vae-steps", "4", "--ldm-steps", "4", "--sample-steps", "2", "--logger", "csv"]
+    cmd = [
+        sys.executable,
+        "scripts/quickstart.py",
+        "--out",
+        str(tmp_path / "qs"),
+        "--num-samples",
+        "300",
+        "--vae-steps",
+        "4",
+        "--ldm-steps",
+        "4",
+        "--sample-steps",
+        "2",
+        "--logger",
+        "csv",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     grid = tmp_path / "qs" / "samples" / "grid.png"
@@ -20,5 +34,7 @@ def test_quickstart_script_runs_end_to_end(tmp_path):
     assert grid.is_file()
     summary = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert set(summary["scores"]) == {"seen", "held-out"}
-    assert {"stage 1: autoencoder", "stage 2: latent diffusion", "sampling", "total"} <= set(summary["timings_s"])
+    assert {"stage 1: autoencoder", "stage 2: latent diffusion", "sampling", "total"} <= set(
+        summary["timings_s"]
+    )
     assert len(list((tmp_path / "qs" / "samples" / "images").glob("*.png"))) == 8 * 4

@@ -40,12 +40,16 @@ def vae_run(shards, tmp_path_factory):
     cfg = compose_train(
         "experiment=vae_tiny",
         f"data.train_urls={shards[0]}",
+        f"data.val_urls={shards[1][0]}",
         "trainer.max_steps=3",
+        "trainer.val_check_interval=2",
+        "stage.loss.disc_start=1",  # the PatchGAN trains from the second step on
+        "stage.latent_stats_samples=16",
         "callbacks.reconstruction_grid.every_n_steps=2",
         *FAST,
         run_dir=str(run_dir),
     )
-    return train(cfg)
+    return train(cfg), cfg
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +60,7 @@ def ldm_run(vae_run, shards, tmp_path_factory):
     cfg = compose_train(
         "experiment=tiny",
         f"data.train_urls={shards[0]}",
-        f"autoencoder_ckpt={vae_run['checkpoint']}",
+        f"autoencoder_ckpt={vae_run[0]['checkpoint']}",
         "trainer.max_steps=4",
         "sampler.num_steps=3",
         "callbacks.sample_grid.every_n_steps=2",
@@ -68,13 +72,44 @@ def ldm_run(vae_run, shards, tmp_path_factory):
 
 
 def test_stage1_writes_a_self_describing_checkpoint(vae_run):
+    vae_run, _ = vae_run
     bundle, ckpt = load_bundle(vae_run["checkpoint"])
     assert bundle["stage"] == "autoencoder" and bundle["downsample_factor"] == 4
     assert bundle["config"]["autoencoder"]["_target_"] == "ldm.models.KLAutoencoder"
+    # one step per batch, although the discriminator's optimizer stepped too (Lightning #17958)
     assert ckpt["global_step"] == 3 and vae_run["global_step"] == 3
     assert any(k.startswith("autoencoder.") for k in ckpt["state_dict"])
+    assert any(k.startswith("loss.discriminator.") for k in ckpt["state_dict"])
     assert list((Path(vae_run["run_dir"]) / "reconstructions").glob("*.png"))
-    assert torch.isfinite(torch.tensor(vae_run["metrics"]["train/loss"]))
+    metrics = vae_run["metrics"]
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert {"train/disc_loss", "train/d_weight", "train/g_loss", "val/psnr", "val/ssim", "val/l1"} <= set(
+        metrics
+    )
+    # the latent scale stage 2 needs, measured on the held-out shard at the end of training
+    stats = bundle["latent_stats"]
+    assert stats["num_samples"] == 16 and bundle["latent_scale"] == pytest.approx(1 / stats["std"])
+    assert bundle["latent_shift"] == 0.0
+
+
+def test_stage1_resumes_both_optimizers(vae_run, tmp_path):
+    from ldm.training.run import train
+
+    result, cfg = vae_run
+    before = torch.load(result["checkpoint"], weights_only=True)
+    assert len(before["optimizer_states"]) == 2
+    resumed_cfg = cfg.copy()
+    resumed_cfg.ckpt_path = result["checkpoint"]
+    resumed_cfg.trainer.max_steps = 5
+    resumed_cfg.run_dir = str(tmp_path)
+    resumed = train(resumed_cfg)
+    after = torch.load(resumed["checkpoint"], weights_only=True)
+    assert resumed["global_step"] == 5
+    for i, steps in enumerate(
+        (3, 2)
+    ):  # the autoencoder stepped every batch, the discriminator from step 1 on
+        assert before["optimizer_states"][i]["state"][0]["step"] == steps
+        assert after["optimizer_states"][i]["state"][0]["step"] == steps + 2
 
 
 def test_stage2_checkpoint_describes_itself(ldm_run):

@@ -17,15 +17,12 @@ from open_clip.transformer import text_global_pool
 from torch import Tensor, nn
 
 from ldm.conditioning.conditioning import Conditioning
+from ldm.utils.weights import MissingWeightsError
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(_CONFIG_DIR)  # makes our small towers (e.g. "ldm-tiny-text") known by name
 
 LAYERS = ("last", "penultimate")
-
-
-class MissingWeightsError(FileNotFoundError):
-    """Pretrained weights could not be found locally and could not be downloaded."""
 
 
 class FrozenOpenCLIPTextEncoder(nn.Module):

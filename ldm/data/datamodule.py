@@ -1,4 +1,4 @@
-"""LightningDataModule over WebDataset image-text shards."""
+"""LightningDataModules over WebDataset shards: image-text shards, or cached-latent shards (`ldm.data.latents`)."""
 
 from __future__ import annotations
 
@@ -6,36 +6,34 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from ldm.data.latents import latent_pipeline, read_cache_info
 from ldm.data.webdataset import image_text_pipeline
 
 
-class ImageTextDataModule(L.LightningDataModule):
-    """Train (random crops, endless resampled shards by default) and optional val (centre crops, one pass
-    over the shards in order) loaders. The pipeline batches, so the DataLoader has `batch_size=None`;
-    `batch_size` is per process."""
+class _ShardDataModule(L.LightningDataModule):
+    """Loader settings shared by both kinds of shards. The pipelines batch, so the DataLoader has
+    `batch_size=None`; `batch_size` is per process."""
+
+    provides = ""  # "images" or "latents": what a batch holds
 
     def __init__(
         self,
         train_urls: str | list[str],
-        resolution: int,
         batch_size: int,
         val_urls: str | list[str] | None = None,
         num_workers: int = 4,
-        crop: str = "random",
         shuffle_buffer: int = 1000,
         resampled: bool = True,
         seed: int = 0,
         prefetch_factor: int | None = 2,
         persistent_workers: bool = True,
         pin_memory: bool = True,
-        hflip_prob: float = 0.0,
     ):
         super().__init__()
         self.train_urls = train_urls if isinstance(train_urls, str) else list(train_urls)
         self.val_urls = val_urls if val_urls is None or isinstance(val_urls, str) else list(val_urls)
-        self.resolution, self.batch_size = resolution, batch_size
-        self.num_workers, self.crop, self.shuffle_buffer = num_workers, crop, shuffle_buffer
-        self.resampled, self.seed, self.hflip_prob = resampled, seed, hflip_prob
+        self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
+        self.resampled, self.seed = resampled, seed
         self.prefetch_factor, self.persistent_workers, self.pin_memory = (
             prefetch_factor,
             persistent_workers,
@@ -53,6 +51,26 @@ class ImageTextDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             **kwargs,
         )
+
+
+class ImageTextDataModule(_ShardDataModule):
+    """Train (random crops, endless resampled shards by default) and optional val (centre crops, one pass
+    over the shards in order) loaders of images in [-1, 1] and captions."""
+
+    provides = "images"
+
+    def __init__(
+        self,
+        train_urls: str | list[str],
+        resolution: int,
+        batch_size: int,
+        val_urls: str | list[str] | None = None,
+        crop: str = "random",
+        hflip_prob: float = 0.0,
+        **loader_settings,
+    ):
+        super().__init__(train_urls, batch_size, val_urls, **loader_settings)
+        self.resolution, self.crop, self.hflip_prob = resolution, crop, hflip_prob
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(
@@ -81,5 +99,43 @@ class ImageTextDataModule(L.LightningDataModule):
                 resampled=False,
                 seed=self.seed,
                 partial_batches=True,
+            )
+        )
+
+
+class CachedLatentDataModule(_ShardDataModule):
+    """Batches of cached autoencoder posteriors (and text encodings, when cached) for stage 2.
+
+    `resolution` is that of the images the cache was made from; null takes it from the cache's `cache_info.json`.
+    """
+
+    provides = "latents"
+
+    def __init__(
+        self, train_urls: str | list[str], batch_size: int, resolution: int | None = None, **loader_settings
+    ):
+        super().__init__(train_urls, batch_size, **loader_settings)
+        self.resolution = resolution
+
+    def cache_info(self) -> dict | None:
+        return read_cache_info(self.train_urls)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(
+            latent_pipeline(
+                self.train_urls,
+                self.batch_size,
+                shuffle_buffer=self.shuffle_buffer,
+                resampled=self.resampled,
+                seed=self.seed,
+            )
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_urls is None:
+            return []
+        return self._loader(
+            latent_pipeline(
+                self.val_urls, self.batch_size, shuffle_buffer=0, resampled=False, partial_batches=True
             )
         )

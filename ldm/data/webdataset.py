@@ -240,7 +240,8 @@ class DecodeSamples:
 
 
 class Batch:
-    """Samples → {"image": (B, 3, R, R), "caption": [str], "key": [str], "n_skipped": (), "skipped": {reason: ()}}.
+    """Samples → a batch: tensor fields stacked ({"image": (B, 3, R, R)}), others listed ({"caption": [str]}),
+    plus the skips since the previous batch: {"n_skipped": (), "skipped": {reason: ()}}.
 
     A batch is collated only when the sample after it arrives (or the stream ends), so skips that happen at
     the end of a finite stream are still reported. With `partial=False` a final short batch is dropped,
@@ -252,13 +253,14 @@ class Batch:
 
     def collate(self, samples: list[dict]) -> dict:
         skipped = self.counter.take()
-        return {
-            "image": torch.stack([s["image"] for s in samples]),
-            "caption": [s["caption"] for s in samples],
-            "key": [s["key"] for s in samples],
-            "n_skipped": torch.tensor(sum(skipped.values()), dtype=torch.long),
-            "skipped": {reason: torch.tensor(n, dtype=torch.long) for reason, n in skipped.items()},
+        batch = {
+            name: torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+            for name in samples[0]
+            for values in [[s[name] for s in samples]]
         }
+        batch["n_skipped"] = torch.tensor(sum(skipped.values()), dtype=torch.long)
+        batch["skipped"] = {reason: torch.tensor(n, dtype=torch.long) for reason, n in skipped.items()}
+        return batch
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
         batch: list[dict] = []
@@ -294,8 +296,25 @@ def image_text_pipeline(
         False → each shard once per iteration, split across ranks (`split_by_node`) and workers.
     shuffle_buffer: samples held for shuffling; 0 also keeps the shards in order (for validation).
     """
-    shard_urls = expand_urls(urls)
     counter = SkipCounter(log_every=log_every)
+    stages = shard_stages(urls, counter, resampled, shuffle_buffer, seed, split_by_node)
+    transform = ImageTransform(resolution, crop=crop, hflip_prob=hflip_prob)
+    stages.append(DecodeSamples(transform, counter, image_keys=image_keys, seed=seed))
+    stages.append(Batch(batch_size, counter, partial=partial_batches))
+    return wds.DataPipeline(*stages)
+
+
+def shard_stages(
+    urls: str | Sequence[str],
+    counter: SkipCounter,
+    resampled: bool,
+    shuffle_buffer: int,
+    seed: int,
+    split_by_node: bool = True,
+) -> list:
+    """The stages up to raw samples, shared by every pipeline: shard list (resampled, or split across ranks and
+    workers), tar reading, shuffle buffer."""
+    shard_urls = expand_urls(urls)
     if resampled:
         stages: list = [wds.ResampledShards(shard_urls, seed=seed, deterministic=True)]
     else:
@@ -306,7 +325,4 @@ def image_text_pipeline(
     stages.append(TarSamples(counter))
     if shuffle_buffer > 1:
         stages.append(ShuffleBuffer(shuffle_buffer, seed=seed))
-    transform = ImageTransform(resolution, crop=crop, hflip_prob=hflip_prob)
-    stages.append(DecodeSamples(transform, counter, image_keys=image_keys, seed=seed))
-    stages.append(Batch(batch_size, counter, partial=partial_batches))
-    return wds.DataPipeline(*stages)
+    return stages

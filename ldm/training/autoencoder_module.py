@@ -1,22 +1,28 @@
-"""Stage 1: train the KL autoencoder (reconstruction + KL, Rombach et al. 2022 §3 / appendix G)."""
+"""Stage 1: train the KL autoencoder the way latent diffusion's autoencoders were trained (Esser et al. 2021,
+Rombach et al. 2022 appendix G): L1 + LPIPS + KL, and a PatchGAN discriminator from `disc_start` on.
+
+Two optimizers (autoencoder, discriminator) under Lightning's manual optimization. The loss itself
+(`AutoencoderLoss`) is pure torch; this module orchestrates it, validates (PSNR, SSIM, LPIPS on held-out shards)
+and, at the end of training, measures the latent statistics stage 2 needs.
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from ldm.latent_cache import image_batches, latent_description, measure_latent_stats
 from ldm.models import KLAutoencoder
+from ldm.training.autoencoder_loss import AutoencoderLoss
 from ldm.training.module_base import LDMModuleBase
 from ldm.training.optim import AdamWSettings
+from ldm.utils.checkpoint import BUNDLE_KEY
 
 
 class AutoencoderModule(LDMModuleBase):
-    """loss = (Σ_pixels rec + kl_weight · Σ_latent KL) / num_pixel_values, averaged over the batch.
-
-    The KL weight has the meaning it has in CompVis' configs (sums over pixels and latents, ~1e-6); dividing both
-    terms by the number of pixel values only rescales the loss so learning rates and clipping transfer across sizes.
-    """
+    """`loss` holds the discriminator (trained here too) and the frozen LPIPS. `gradient_clip_val` applies to the
+    autoencoder and the discriminator separately (manual optimization: the Trainer's own clipping is off)."""
 
     stage = "autoencoder"
 
@@ -24,43 +30,150 @@ class AutoencoderModule(LDMModuleBase):
         self,
         autoencoder: KLAutoencoder,
         optim: AdamWSettings,
-        kl_weight: float = 1e-6,
-        reconstruction_loss: str = "l1",
+        loss: AutoencoderLoss | None = None,
+        latent_stats_samples: int = 4096,
         config: dict | None = None,
     ) -> None:
         super().__init__(optim=optim, config=config)
-        if reconstruction_loss not in ("l1", "l2"):
-            raise ValueError(f"reconstruction_loss must be 'l1' or 'l2', got {reconstruction_loss!r}")
-        self.autoencoder, self.kl_weight, self.reconstruction_loss = (
-            autoencoder,
-            kl_weight,
-            reconstruction_loss,
-        )
+        self.automatic_optimization = False
+        self.autoencoder = autoencoder
+        self.loss = loss if loss is not None else AutoencoderLoss(discriminator=None, lpips=None)
+        self.latent_stats_samples = latent_stats_samples
+        self.gradient_clip_val: float | None = None  # set by run.train from trainer.gradient_clip_val
+        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.latent_description: dict = {}
 
     def trainable_module(self) -> torch.nn.Module:
         return self.autoencoder
 
+    def configure_optimizers(self):
+        max_steps = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
+        opt_ae, sched_ae = self.optim_settings.build(self.autoencoder, max_steps)
+        if self.loss.discriminator is None:
+            return [opt_ae], [sched_ae]
+        # the discriminator's schedule starts (warm-up included) when it does, and ends with the autoencoder's
+        d_steps = None if max_steps is None else max(1, max_steps - self.loss.disc_start)
+        opt_d, sched_d = self.optim_settings.build(self.loss.discriminator, d_steps)
+        return [opt_ae, opt_d], [sched_ae, sched_d]
+
+    # --- training -------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        x = batch["image"]
+        x, step = batch["image"], self.global_step
+        optimizers, schedulers = _as_list(self.optimizers()), _as_list(self.lr_schedulers())
         out = self.autoencoder(x)
-        loss_fn = F.l1_loss if self.reconstruction_loss == "l1" else F.mse_loss
-        rec = loss_fn(out.reconstruction, x, reduction="none").flatten(1).sum(1)  # (B,)
-        kl = out.posterior.kl()  # (B,)
-        pixels = x[0].numel()
-        loss = (rec + self.kl_weight * kl).mean() / pixels
-        mse = F.mse_loss(out.reconstruction.detach().clamp(-1, 1), x)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/rec_loss", rec.mean() / pixels)
-        self.log("train/kl", kl.mean())
-        self.log(
-            "train/psnr", 10 * torch.log10(4.0 / mse.clamp_min(1e-10)), prog_bar=True
-        )  # data range [-1, 1]
+
+        g = self.loss.generator_loss(x, out.reconstruction, out.posterior, step, self.autoencoder.last_layer)
+        optimizers[0].zero_grad(set_to_none=True)
+        self.manual_backward(g.loss)
+        self._clip_and_step(optimizers[0], self.autoencoder, "train/grad_norm")
+
+        if self.loss.discriminator_active(step):
+            d = self.loss.discriminator_loss(x, out.reconstruction, step)
+            opt_d = optimizers[1]
+            opt_d.zero_grad(set_to_none=True)  # also drops what the generator loss left on D
+            self.manual_backward(d.loss)
+            # the discriminator's step is not a training step: global_step and max_steps count batches
+            # (Lightning counts every optimizer.step() in manual optimization, #17958)
+            opt_d._on_before_step = opt_d._on_after_step = _nothing
+            self._clip_and_step(opt_d, self.loss.discriminator, "train/disc_grad_norm")
+            self.log_dict(
+                {
+                    "train/disc_loss": d.loss,
+                    "train/logits_real": d.logits_real,
+                    "train/logits_fake": d.logits_fake,
+                }
+            )
+            schedulers[1].step()
+        schedulers[0].step()
+
+        mse = torch.nn.functional.mse_loss(out.reconstruction.detach().clamp(-1, 1), x)
+        self.log("train/loss", g.loss.detach(), prog_bar=True)
+        self.log_dict({"train/rec_loss": g.rec, "train/kl": g.kl, "train/nll": g.nll})
+        self.log("train/psnr", 10 * torch.log10(4.0 / mse.clamp_min(1e-10)), prog_bar=True)  # range [-1, 1]
+        if self.loss.lpips is not None and self.loss.perceptual_weight > 0:
+            self.log("train/lpips", g.perceptual)
+        if self.loss.discriminator_active(step):
+            self.log_dict({"train/g_loss": g.g_loss, "train/d_weight": g.d_weight})
         self.log_data_stats(batch)
-        return loss
+        return g.loss.detach()
+
+    def _clip_and_step(self, optimizer, module: torch.nn.Module, name: str) -> None:
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if grads:
+            self.log(name, torch.nn.utils.get_total_norm(grads))
+        if self.gradient_clip_val:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm"
+            )
+        optimizer.step()
+
+    # --- validation -----------------------------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x = batch["image"]
+        recon = self.reconstruct(x)
+        target, pred = (x + 1) / 2, (recon + 1) / 2
+        self.val_psnr.update(pred, target)
+        self.val_ssim.update(pred, target)
+        n = len(x)
+        self.log("val/l1", (recon - x).abs().mean(), batch_size=n, sync_dist=True)
+        if self.loss.lpips is not None:
+            self.log("val/lpips", self.loss.lpips(x, recon).mean(), batch_size=n, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/psnr", self.val_psnr.compute(), prog_bar=True)
+        self.log("val/ssim", self.val_ssim.compute())
+        self.val_psnr.reset()
+        self.val_ssim.reset()
 
     @torch.no_grad()
     def reconstruct(self, images: Tensor) -> Tensor:
         return self.autoencoder(images, sample_posterior=False).reconstruction.clamp(-1, 1)
 
+    # --- latent statistics and checkpoint -------------------------------------------------------------------
+    def on_train_end(self) -> None:
+        """Measure the latent scale on held-out shards (else training shards) so stage 2 can read it."""
+        data = getattr(self.trainer, "datamodule", None)
+        if self.latent_stats_samples <= 0 or data is None or not self.trainer.is_global_zero:
+            return
+        urls = data.val_urls or data.train_urls
+        batches = image_batches(urls, data.resolution, data.batch_size, device=self.device, seed=0)
+        generator = torch.Generator(self.device).manual_seed(0)
+        stats = measure_latent_stats(
+            self.autoencoder.encode, batches, self.latent_stats_samples, generator=generator
+        )
+        self.latent_description = latent_description(stats)
+        self.print(
+            f"latent statistics over {stats.num_samples} images: std {stats.std:.4f} → latent scale "
+            f"{stats.scale:.4f}, mean {stats.mean:+.4f} (stored in the checkpoint)"
+        )
+
     def describe(self) -> dict:
-        return {"downsample_factor": self.autoencoder.downsample_factor}
+        return {"downsample_factor": self.autoencoder.downsample_factor, **self.latent_description}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("loss.lpips.")]:
+            del state[key]  # frozen, rebuilt from its weights file: no need for ~60 MB in every checkpoint
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.loss.lpips is not None:
+            checkpoint["state_dict"].update(
+                {f"loss.lpips.{k}": v for k, v in self.loss.lpips.state_dict().items()}
+            )
+        self.latent_description = {
+            k: v
+            for k, v in checkpoint.get(BUNDLE_KEY, {}).items()
+            if k in ("latent_scale", "latent_shift", "latent_stats")
+        }
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, list | tuple) else [x]
+
+
+def _nothing() -> None:
+    return None

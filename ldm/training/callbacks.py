@@ -79,11 +79,19 @@ class SampleGridCallback(L.Callback):
 
 
 class ReconstructionGridCallback(L.Callback):
-    """Every `every_n_steps`: input | reconstruction pairs of the current batch's first images."""
+    """Every `every_n_steps`: input | reconstruction pairs, of the first held-out batch when there is validation
+    data (the same images every time, so grids compare across steps), else of the current training batch."""
 
     def __init__(self, every_n_steps: int = 1000, num_images: int = 8, at_train_end: bool = True) -> None:
         self.every_n_steps, self.num_images, self.at_train_end = every_n_steps, num_images, at_train_end
         self._batch = None
+        self._held_out = None
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if batch_idx == 0 and self._held_out is None:
+            self._held_out = batch["image"][: self.num_images].detach()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._batch = batch["image"][: self.num_images].detach()
@@ -97,10 +105,11 @@ class ReconstructionGridCallback(L.Callback):
 
     @rank_zero_only
     def make_grid(self, trainer, pl_module) -> Path:
-        x = self._batch.to(pl_module.device)
+        x = (self._held_out if self._held_out is not None else self._batch).to(pl_module.device)
         recon = pl_module.reconstruct(x)
         pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # (2N, C, H, W): input, output, input, output …
         grid = labelled_grid((pairs.cpu() + 1) / 2, ncols=2 * min(4, len(x)))
         path = save_png(grid, _out_dir(trainer, "reconstructions") / f"step_{trainer.global_step:07d}.png")
-        _log_image(trainer, "reconstructions/grid", grid, "input | reconstruction")
+        source = "held-out" if self._held_out is not None else "training"
+        _log_image(trainer, "reconstructions/grid", grid, f"input | reconstruction ({source} images)")
         return path

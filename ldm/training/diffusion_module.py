@@ -8,12 +8,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from ldm.conditioning import FrozenOpenCLIPTextEncoder
+from ldm.conditioning import Conditioning, FrozenOpenCLIPTextEncoder
 from ldm.diffusion import GaussianDiffusion, drop_conditioning
 from ldm.inference import LatentCodec, TextToImage, unet_denoiser
+from ldm.latent_cache import LatentMoments
 from ldm.models import CrossAttentionUNet
 from ldm.training.ema import EMA
 from ldm.training.module_base import LDMModuleBase
@@ -51,29 +51,38 @@ class DiffusionModule(LDMModuleBase):
     # --- training -------------------------------------------------------------------------------------------
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         if not self.codec.is_calibrated:
-            self._calibrate_latent_scale(batch["image"])
+            self._calibrate_latent_scale(self._raw_latents(batch))
 
     @torch.no_grad()
-    def _calibrate_latent_scale(self, images: Tensor) -> None:
-        """scale = 1 / std of the latents of the first batch (all ranks pooled), as Rombach et al. do.
+    def _calibrate_latent_scale(self, z: Tensor) -> None:
+        """scale = 1 / std of the first batch's latents (all ranks pooled), as Rombach et al. do.
 
-        Runs only when neither config nor the autoencoder checkpoint provides a measured scale; the value is a
-        buffer, so it is saved in every checkpoint and restored on resume.
+        Runs only when neither config nor the autoencoder checkpoint provides a measured scale (stage 1 measures
+        it on more data; see scripts/latent_stats.py); the value is a buffer, so checkpoints keep it.
         """
-        z = self.codec.autoencoder.encode(images).sample().float()
-        stats = torch.stack([z.sum(), (z * z).sum(), torch.tensor(float(z.numel()), device=z.device)])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stats)
-        total, total_sq, n = stats
-        std = (total_sq / n - (total / n) ** 2).clamp_min(1e-12).sqrt()
-        self.codec.scale.fill_(float(1.0 / std))
+        moments = LatentMoments(z.shape[1])
+        moments.update(z)
+        self.codec.scale.fill_(moments.stats().scale)
         self.print(f"latent scale measured on the first batch: 1/std = {float(self.codec.scale):.5f}")
 
+    @torch.no_grad()
+    def _raw_latents(self, batch: dict) -> Tensor:
+        """Unscaled latents (B, C, h, w): drawn from the cached posterior, or encoded from the images now."""
+        if "latent_mean" in batch:
+            mean = batch["latent_mean"]
+            return mean + batch["latent_std"] * torch.randn_like(mean) if self.sample_posterior else mean
+        posterior = self.codec.autoencoder.encode(batch["image"])
+        return posterior.sample() if self.sample_posterior else posterior.mode()
+
+    def _conditioning(self, batch: dict) -> Conditioning:
+        if "text_tokens" in batch:  # cached with the latents
+            return Conditioning(batch["text_tokens"], batch.get("text_pooled"), batch.get("text_mask"))
+        return self.text_encoder(batch["caption"])
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        images, captions = batch["image"], batch["caption"]
-        z0 = self.codec.encode(images, sample=self.sample_posterior)  # (B, C, h, w), unit variance
-        cond = self.text_encoder(captions)
-        drop = drop_conditioning(len(captions), self.cond_drop_prob, device=z0.device)
+        z0 = self.codec.normalize(self._raw_latents(batch))  # (B, C, h, w), unit variance
+        cond = self._conditioning(batch)
+        drop = drop_conditioning(len(cond), self.cond_drop_prob, device=z0.device)
         cond = cond.where(drop, self.text_encoder.null())
         out = self.diffusion.loss(lambda x, t: self.denoise(x, t, cond), z0)
         self.log("train/loss", out.loss, prog_bar=True)

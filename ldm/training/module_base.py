@@ -35,6 +35,8 @@ class LDMModuleBase(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self.automatic_optimization:
+            return  # a manually optimized module logs its own norms, per optimizer
         grads = [p.grad for p in self.trainable_module().parameters() if p.grad is not None]
         if grads:  # before clipping: the norm the clip threshold is compared against
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), prog_bar=False)

@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ldm.data.latents import read_cache_info
 from ldm.inference import LatentCodec
 from ldm.training.checkpoint_io import AtomicCheckpointIO
 from ldm.utils.checkpoint import load_bundle, submodule_state
@@ -38,12 +39,19 @@ def train(cfg: DictConfig) -> dict:
 
     if stage == "diffusion":
         _adopt_autoencoder_config(cfg)
+    else:
+        _cache_info(cfg)  # refuses cached latents as stage-1 data
     module = build_module(cfg)
     datamodule = instantiate(cfg.data)
     logger = [instantiate(cfg.logger)] if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    trainer_overrides = {}
+    if not module.automatic_optimization:  # the module clips each of its optimizers itself
+        module.gradient_clip_val = cfg.trainer.get("gradient_clip_val")
+        trainer_overrides["gradient_clip_val"] = None
     trainer: L.Trainer = instantiate(
         cfg.trainer,
+        **trainer_overrides,
         default_root_dir=str(run_dir),
         logger=logger,
         callbacks=callbacks,
@@ -76,6 +84,7 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
     if stage_of(cfg) == "autoencoder":
         return make_module(autoencoder=build_autoencoder(cfg), optim=optim, config=plain)
     parts = build_denoising_parts(cfg)
+    _check_cached_text_encoder(cfg, parts["text_encoder"])
     codec = LatentCodec(build_autoencoder(cfg), scale=cfg.get("latent_scale"))
     if cfg.autoencoder_ckpt:
         bundle, ckpt = load_bundle(cfg.autoencoder_ckpt)
@@ -99,7 +108,13 @@ def stage_of(cfg: DictConfig) -> str:
 
 
 def _adopt_autoencoder_config(cfg: DictConfig) -> None:
-    """Stage 2 encodes with a trained stage-1 autoencoder: its architecture comes from that checkpoint."""
+    """Stage 2 encodes with a trained stage-1 autoencoder: its architecture comes from that checkpoint. With cached
+    latents, the checkpoint and resolution default to the cache's, and must match it."""
+    cache = _cache_info(cfg)
+    with open_dict(cfg):
+        if cache is not None:
+            cfg.autoencoder_ckpt = cfg.autoencoder_ckpt or cache.get("autoencoder_checkpoint")
+            cfg.data.resolution = cfg.data.get("resolution") or cache.get("resolution")
     if not cfg.autoencoder_ckpt:
         raise ValueError(
             "stage 2 (diffusion) needs a trained autoencoder: set autoencoder_ckpt=path/to/stage1/last.ckpt "
@@ -110,5 +125,33 @@ def _adopt_autoencoder_config(cfg: DictConfig) -> None:
         raise ValueError(
             f"autoencoder_ckpt={cfg.autoencoder_ckpt} is a '{bundle.get('stage')}' checkpoint, not stage 1"
         )
+    if cache is not None and cache.get("autoencoder") not in (None, bundle["config"]["autoencoder"]):
+        raise ValueError(
+            f"the cached latents in {cfg.data.train_urls} were made by another autoencoder than "
+            f"autoencoder_ckpt={cfg.autoencoder_ckpt} (architectures differ)"
+        )
     with open_dict(cfg):
         cfg.autoencoder = OmegaConf.create(bundle["config"]["autoencoder"])
+    if cfg.data.get("resolution") is None:
+        raise ValueError(
+            "data.resolution is not set and the cached shards have no cache_info.json to take it from"
+        )
+
+
+def _cache_info(cfg: DictConfig) -> dict | None:
+    """The cache_info.json of cached-latent training data; None for image data (or remote caches)."""
+    if getattr(import_target(cfg.data._target_), "provides", "images") != "latents":
+        return None
+    if stage_of(cfg) != "diffusion":
+        raise ValueError("cached latents (data=latents) are for stage 2; stage 1 trains on images")
+    return read_cache_info(cfg.data.train_urls)
+
+
+def _check_cached_text_encoder(cfg: DictConfig, text_encoder) -> None:
+    cache = _cache_info(cfg)
+    cached = (cache or {}).get("text_encoder")
+    if cached is not None and cached != text_encoder.identity():
+        raise ValueError(
+            f"the cached text encodings were made by text encoder {cached}, but this run's text encoder is "
+            f"{text_encoder.identity()}; set text_encoder= to match, or cache again"
+        )

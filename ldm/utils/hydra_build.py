@@ -48,14 +48,27 @@ def import_target(path: str) -> Any:
         raise ValueError(f"_target_ {path!r} cannot be imported: {err}") from err
 
 
+def accepted_parameters(target: Any) -> tuple[dict[str, inspect.Parameter], bool]:
+    """(parameters, takes arbitrary keywords) of a constructor. A class whose `__init__` passes `**kwargs` on to
+    its base classes accepts what they accept, so their parameters are collected along the MRO."""
+    params: dict[str, inspect.Parameter] = {}
+    for owner in inspect.getmro(target) if inspect.isclass(target) else (target,):
+        init = owner.__init__ if inspect.isclass(target) else owner
+        if inspect.isclass(target) and "__init__" not in vars(owner):
+            continue
+        own = inspect.signature(init).parameters
+        params.update({k: v for k, v in own.items() if v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)})
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in own.values()):
+            return params, False
+    return params, True
+
+
 def check_config(cfg: DictConfig | Mapping, where: str = "") -> None:
     """Every `_target_` node: the target imports, and each key is a parameter of its constructor."""
     if isinstance(cfg, DictConfig | Mapping):
         keys = list(cfg.keys())
         if "_target_" in keys:
-            target = import_target(cfg["_target_"])
-            params = inspect.signature(target).parameters
-            takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+            params, takes_kwargs = accepted_parameters(import_target(cfg["_target_"]))
             if not takes_kwargs:
                 for key in keys:
                     if key.startswith("_") or key in params:

@@ -1,0 +1,377 @@
+"""Latent statistics of a trained autoencoder, and the cache of latents (and text encodings) stage 2 can train on.
+
+- `LatentMoments` / `measure_latent_stats`: mean and std of the autoencoder's latents over a sample of the data
+  (pooled over ranks), from which the latent scale 1/std (Rombach et al. 2022, sec. 4.3.2 / appendix G) and the
+  optional shift are set. They are stored in the autoencoder checkpoint; nothing hard-codes a scale.
+- `cache_latents`: encode image shards once into cached-latent shards (`ldm.data.latents` has the format), shard by
+  shard, so a killed job resumes where it stopped and several processes split the shards between them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import webdataset as wds
+from torch import Tensor
+
+from ldm.conditioning import FrozenOpenCLIPTextEncoder
+from ldm.data.latents import CACHE_INFO, LATENTS_MEMBER, encode_latents_member, write_cache_info
+from ldm.data.transforms import ImageTransform, decode_caption
+from ldm.data.webdataset import (
+    IMAGE_KEYS,
+    DecodeSamples,
+    SkipCounter,
+    TarSamples,
+    expand_urls,
+    image_text_pipeline,
+)
+from ldm.models.autoencoder import DiagonalGaussian
+from ldm.utils.checkpoint import BUNDLE_KEY, atomic_save, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LatentStats:
+    mean: float
+    std: float
+    channel_mean: list[float]
+    channel_std: list[float]
+    num_samples: int
+
+    @property
+    def scale(self) -> float:
+        """The factor that gives the diffusion model unit-variance latents: 1 / std."""
+        return 1.0 / self.std
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "scale": self.scale}
+
+
+class LatentMoments:
+    """Running sums of latents per channel in float64; `stats()` pools them over all ranks when distributed."""
+
+    def __init__(self, channels: int) -> None:
+        self.sums = torch.zeros(3, channels, dtype=torch.float64)  # Σz, Σz², count per channel
+        self.num_samples = 0
+
+    def update(self, z: Tensor) -> None:
+        """Add a batch of latents (B, C, h, w)."""
+        self.num_samples += z.shape[0]
+        z = z.detach().to("cpu", torch.float64).transpose(0, 1).flatten(1)  # (C, B·h·w)
+        self.sums += torch.stack([z.sum(1), z.square().sum(1), torch.full_like(z[:, 0], z.shape[1])])
+
+    def stats(self, pool: bool = True) -> LatentStats:
+        """Mean and std over everything seen, on this rank only or (`pool`) over all ranks, which must all call."""
+        sums = self.sums.clone()
+        if pool and dist.is_available() and dist.is_initialized():
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            sums = sums.to(device)
+            dist.all_reduce(sums)
+            sums = sums.cpu()
+        total, total_sq, count = sums
+        if float(count.sum()) == 0:
+            raise ValueError("no latents to measure: the data gave no samples")
+        channel_mean = total / count
+        channel_var = (total_sq / count - channel_mean.square()).clamp_min(0)
+        mean = total.sum() / count.sum()
+        var = (total_sq.sum() / count.sum() - mean.square()).clamp_min(1e-24)
+        return LatentStats(
+            mean=float(mean),
+            std=float(var.sqrt()),
+            channel_mean=channel_mean.tolist(),
+            channel_std=channel_var.sqrt().tolist(),
+            num_samples=self.num_samples,
+        )
+
+
+@torch.no_grad()
+def measure_latent_stats(
+    encode: Callable[[Tensor], DiagonalGaussian],
+    batches: Iterable[Tensor],
+    max_samples: int,
+    sample_posterior: bool = True,
+    generator: torch.Generator | None = None,
+    pool: bool = False,
+) -> LatentStats:
+    """Latent statistics over up to `max_samples` images (per rank) from `batches` (B, 3, H, W) in [-1, 1].
+
+    Latents are drawn from the posterior (what stage 2 trains on) unless `sample_posterior` is False. With `pool`,
+    every rank measures its own batches and the statistics are pooled (all ranks must call).
+    """
+    moments: LatentMoments | None = None
+    for images in batches:
+        posterior = encode(images)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        z = z[: max_samples - (moments.num_samples if moments else 0)]
+        moments = moments or LatentMoments(z.shape[1])
+        moments.update(z)
+        if moments.num_samples >= max_samples:
+            break
+    if moments is None:
+        raise ValueError("no latents to measure: the data gave no samples")
+    return moments.stats(pool)
+
+
+def image_batches(
+    urls: str | Sequence[str],
+    resolution: int,
+    batch_size: int,
+    device="cpu",
+    seed: int = 0,
+    num_workers: int = 2,
+) -> Iterator[Tensor]:
+    """Centre-cropped image batches from one shuffled pass over `urls` (for measuring, not training)."""
+    pipeline = image_text_pipeline(
+        urls,
+        resolution,
+        batch_size,
+        crop="center",
+        split_by_node=False,
+        shuffle_buffer=256,
+        resampled=False,
+        seed=seed,
+        partial_batches=True,
+    )
+    loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers)
+    for batch in loader:
+        yield batch["image"].to(device)
+
+
+def store_latent_stats(
+    ckpt_path: str | os.PathLike,
+    stats: LatentStats,
+    use_shift: bool = False,
+    out: str | os.PathLike | None = None,
+) -> Path:
+    """Write the latent scale (and shift, or 0) and the full statistics into a stage-1 checkpoint's description."""
+    ckpt = load_checkpoint(ckpt_path)
+    bundle = ckpt.get(BUNDLE_KEY) or {}
+    if bundle.get("stage") != "autoencoder":
+        raise ValueError(f"{ckpt_path} is not a stage-1 (autoencoder) checkpoint")
+    bundle.update(latent_description(stats, use_shift))
+    path = Path(out or ckpt_path)
+    atomic_save(ckpt, path)
+    return path
+
+
+def latent_description(stats: LatentStats, use_shift: bool = False) -> dict:
+    """The checkpoint entries stage 2 reads: latent_scale, latent_shift, and the statistics they came from."""
+    return {
+        "latent_scale": stats.scale,
+        "latent_shift": stats.mean if use_shift else 0.0,
+        "latent_stats": stats.as_dict(),
+    }
+
+
+def cache_info(
+    autoencoder_ckpt: str | os.PathLike,
+    bundle: dict,
+    resolution: int,
+    crop: str,
+    text_encoder: FrozenOpenCLIPTextEncoder | None,
+    urls: str | Sequence[str],
+) -> dict:
+    """What a cache was made from; training compares the autoencoder and text encoder with its own."""
+    text = None
+    if text_encoder is not None:
+        text = text_encoder.identity()
+        if text["weights_in_checkpoint"]:
+            raise ValueError(
+                "caching text encodings needs a pretrained text encoder: a randomly initialised one is drawn anew "
+                "by every run, so its cached encodings would not match the model that samples (cache latents only)"
+            )
+    return {
+        "format_version": 1,
+        "autoencoder_checkpoint": str(Path(autoencoder_ckpt).resolve()),
+        "autoencoder": bundle["config"]["autoencoder"],
+        "resolution": int(resolution),
+        "crop": crop,
+        "text_encoder": text,
+        "source_urls": urls if isinstance(urls, str) else list(urls),
+    }
+
+
+def shard_name(url: str) -> str:
+    """The file name a cached shard gets: the input shard's (`.../laion-00042.tar` → `laion-00042.tar`), also for
+    `pipe:` commands (the last `*.tar` token of the command)."""
+    names = re.findall(r"([^/\s'\"]+\.tar)\b", url)
+    if not names:
+        raise ValueError(f"cannot tell the shard's file name from {url!r} (no '*.tar' in it)")
+    return names[-1]
+
+
+class _ShardBatches(torch.utils.data.IterableDataset):
+    """Whole shards, decoded and centre-cropped, in batches; each DataLoader worker takes its own shards.
+
+    Yields {"url", "image" (B, 3, R, R), "key", "txt", "json", "last", "skipped"}: "last" marks a shard's final
+    batch (possibly empty), which carries that shard's skip counts.
+    """
+
+    def __init__(self, urls: Sequence[str], resolution: int, batch_size: int, crop: str):
+        super().__init__()
+        self.urls, self.batch_size = list(urls), batch_size
+        self.transform = ImageTransform(resolution, crop=crop)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
+        for url in self.urls[wid::nworkers]:
+            counter = SkipCounter()
+            raw_members: dict[str, dict] = {}
+
+            def keep_raw(samples: Iterable[dict], raw_members: dict = raw_members) -> Iterator[dict]:
+                for s in samples:
+                    raw_members[s["__key__"]] = {k: s[k] for k in ("txt", "json") if k in s}
+                    yield s
+
+            decoded = DecodeSamples(self.transform, counter, image_keys=IMAGE_KEYS)
+            batch: list[dict] = []
+            for sample in decoded(keep_raw(TarSamples(counter)([{"url": url}]))):
+                batch.append({**sample, **raw_members.pop(sample["key"])})
+                if len(batch) == self.batch_size:
+                    yield self._collate(url, batch, last=False)
+                    batch = []
+            yield self._collate(url, batch, last=True, skipped=counter.total)
+
+    @staticmethod
+    def _collate(url: str, batch: list[dict], last: bool, skipped: dict | None = None) -> dict:
+        return {
+            "url": url,
+            "image": torch.stack([s["image"] for s in batch]) if batch else torch.empty(0),
+            "key": [s["key"] for s in batch],
+            "txt": [s.get("txt") for s in batch],
+            "json": [s.get("json") for s in batch],
+            "last": last,
+            "skipped": dict(skipped or {}),
+        }
+
+
+@dataclass
+class CacheReport:
+    shards_written: int
+    shards_skipped: int  # already complete from an earlier run
+    samples: int
+    skipped_samples: dict[str, int]
+
+
+@torch.no_grad()
+def cache_latents(
+    autoencoder,
+    urls: str | Sequence[str],
+    out_dir: str | os.PathLike,
+    resolution: int,
+    batch_size: int = 32,
+    crop: str = "center",
+    text_encoder: FrozenOpenCLIPTextEncoder | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 2,
+    info: dict | None = None,
+    progress: bool = True,
+) -> CacheReport:
+    """Encode the shards of `urls` assigned to `rank` (every `world_size`-th) into `out_dir`, one cached shard per
+    image shard, same file name. A shard is written to a temporary file and renamed when complete, so shards
+    already in `out_dir` are complete and are skipped: rerunning after a crash or preemption resumes.
+
+    `info` (what made the cache) goes to `out_dir/cache_info.json`; rank 0 writes it, and a cache made with
+    different settings is refused rather than mixed.
+    """
+    out_dir = Path(out_dir)
+    all_urls = expand_urls(urls)
+    names = [shard_name(u) for u in all_urls]
+    if len(set(names)) != len(names):
+        raise ValueError("input shards must have distinct file names (they name the cached shards)")
+    _check_or_write_info(out_dir, info or {}, write=rank == 0)
+    mine = all_urls[rank::world_size]
+    todo = [u for u in mine if not (out_dir / shard_name(u)).is_file()]
+    report = CacheReport(
+        shards_written=0, shards_skipped=len(mine) - len(todo), samples=0, skipped_samples={}
+    )
+    if not todo:
+        return report
+    device = next(autoencoder.parameters()).device
+    loader = torch.utils.data.DataLoader(
+        _ShardBatches(todo, resolution, batch_size, crop),
+        batch_size=None,
+        num_workers=min(num_workers, len(todo)),
+    )
+    writers: dict[str, tuple[wds.TarWriter, Path]] = {}
+    bar = _progress(len(todo), progress)
+    for batch in loader:
+        url = batch["url"]
+        if url not in writers:
+            tmp = out_dir / f".{shard_name(url)}.tmp"
+            writers[url] = (wds.TarWriter(str(tmp)), tmp)
+        writer, tmp = writers[url]
+        if batch["key"]:
+            _write_batch(writer, batch, autoencoder, text_encoder, device)
+            report.samples += len(batch["key"])
+        if batch["last"]:
+            writer.close()
+            os.replace(tmp, out_dir / shard_name(url))
+            del writers[url]
+            report.shards_written += 1
+            for reason, n in batch["skipped"].items():
+                if n:
+                    report.skipped_samples[reason] = report.skipped_samples.get(reason, 0) + n
+            bar.update(1)
+    bar.close()
+    return report
+
+
+def _write_batch(writer, batch: dict, autoencoder, text_encoder, device) -> None:
+    posterior = autoencoder.encode(batch["image"].to(device))
+    mean, std = posterior.mean, posterior.std
+    cond = text_encoder(_captions(batch)) if text_encoder is not None else None
+    for i, key in enumerate(batch["key"]):
+        text = {}
+        if cond is not None:
+            text = {
+                "text_tokens": cond.tokens[i],
+                "text_pooled": None if cond.pooled is None else cond.pooled[i],
+                "text_mask": None if cond.mask is None else cond.mask[i],
+            }
+        sample = {"__key__": key, LATENTS_MEMBER: encode_latents_member(mean[i], std[i], **text)}
+        for ext in ("txt", "json"):
+            if batch[ext][i] is not None:
+                sample[ext] = batch[ext][i]
+        writer.write(sample)
+
+
+def _captions(batch: dict) -> list[str]:
+    """Captions as training reads them (`.txt`, else the json's caption); samples with none never get here."""
+    members = [{"txt": t, "json": j} for t, j in zip(batch["txt"], batch["json"], strict=True)]
+    return [decode_caption({k: v for k, v in m.items() if v is not None}) for m in members]
+
+
+_INFO_KEYS_THAT_MUST_MATCH = ("autoencoder", "resolution", "crop", "text_encoder")
+
+
+def _check_or_write_info(out_dir: Path, info: dict, write: bool) -> None:
+    path = out_dir / CACHE_INFO
+    if path.is_file():
+        old = json.loads(path.read_text())
+        for key in _INFO_KEYS_THAT_MUST_MATCH:
+            if key in info and key in old and old[key] != info[key]:
+                raise ValueError(
+                    f"{out_dir} holds a cache made with a different {key!r} ({old[key]!r}, now {info[key]!r}); "
+                    "use another out_dir or delete it"
+                )
+    elif write:
+        write_cache_info(out_dir, info)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="caching shards", unit="shard", disable=not enabled)

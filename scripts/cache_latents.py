@@ -1,0 +1,61 @@
+"""Encode image shards into cached-latent shards for stage 2 (see configs/cache_latents.yaml).
+
+python scripts/cache_latents.py autoencoder_ckpt=runs/vae/.../last.ckpt urls=/data/laion out_dir=/data/laion-latents
+"""
+
+import os
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+import ldm.utils.hydra_build  # noqa: F401  (registers the config resolvers)
+
+
+def _launcher_rank() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun or Slurm, else a single process."""
+    for rank, world, local in (
+        ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+        ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+    ):
+        if rank in os.environ and world in os.environ:
+            return int(os.environ[rank]), int(os.environ[world]), int(os.environ.get(local, 0))
+    return 0, 1, 0
+
+
+@hydra.main(config_path="../configs", config_name="cache_latents", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from ldm.inference import load_autoencoder
+    from ldm.latent_cache import cache_info, cache_latents
+
+    env_rank, env_world, local_rank = _launcher_rank()
+    rank = env_rank if cfg.rank is None else cfg.rank
+    world_size = env_world if cfg.world_size is None else cfg.world_size
+    device = cfg.device
+    if device == "auto":
+        device = f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    autoencoder, bundle = load_autoencoder(cfg.autoencoder_ckpt, device)
+    resolution = cfg.resolution or bundle["config"]["data"]["resolution"]
+    text_encoder = instantiate(cfg.text_encoder).to(device) if cfg.get("text_encoder") else None
+    report = cache_latents(
+        autoencoder,
+        cfg.urls,
+        cfg.out_dir,
+        resolution,
+        batch_size=cfg.batch_size,
+        text_encoder=text_encoder,
+        rank=rank,
+        world_size=world_size,
+        num_workers=cfg.num_workers,
+        info=cache_info(cfg.autoencoder_ckpt, bundle, resolution, cfg.crop, text_encoder, cfg.urls),
+    )
+    print(
+        f"rank {rank}/{world_size}: {report.shards_written} shards written ({report.samples} samples), "
+        f"{report.shards_skipped} already complete, skipped samples {report.skipped_samples or 'none'}; "
+        f"cache in {cfg.out_dir}"
+    )
+
+
+if __name__ == "__main__":
+    main()
