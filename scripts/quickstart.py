@@ -46,6 +46,7 @@ def main() -> None:
     )
     parser.add_argument("--out", default="quickstart_out", help="output folder (data, runs, samples)")
     parser.add_argument("--num-samples", type=int, default=20000, help="synthetic training images")
+    parser.add_argument("--num-val", type=int, default=512, help="held-out images (stage-1 PSNR/SSIM)")
     parser.add_argument(
         "--vae-steps", type=int, default=None, help="override stage-1 steps (experiment vae_tiny)"
     )
@@ -64,30 +65,58 @@ def main() -> None:
     py = sys.executable
 
     print(
-        f"=== writing {args.num_samples} synthetic captioned images as shards under {out / 'data'}",
+        f"=== writing {args.num_samples} synthetic captioned images (+ {args.num_val} held out) as shards "
+        f"under {out / 'data'}",
         flush=True,
     )
     start = time.perf_counter()
-    shards = write_synthetic_shards(
-        out / "data" / "train", args.num_samples, samples_per_shard=2000, resolution=32
+    train_shards = write_synthetic_shards(out / "data" / "train", args.num_samples, samples_per_shard=2000)
+    write_synthetic_shards(
+        out / "data" / "val", args.num_val, samples_per_shard=args.num_val, seed=1, prefix="val"
     )
     timings["data"] = round(time.perf_counter() - start, 1)
-    urls = f"{out / 'data' / 'train'}/{Path(shards[0]).name.rsplit('-', 1)[0]}-{{{0:06d}..{len(shards) - 1:06d}}}.tar"
-    common = [f'data.train_urls="{urls}"', f"logger={args.logger}"]
+    urls = f"{out / 'data' / 'train'}/shapes-{{000000..{len(train_shards) - 1:06d}}}.tar"
+    logger = f"logger={args.logger}"
 
-    vae_dir, ldm_dir, sample_dir = out / "vae", out / "ldm", out / "samples"
-    vae = [py, "train.py", "experiment=vae_tiny", f"hydra.run.dir={vae_dir}", *common]
+    vae_dir, cache_dir, ldm_dir, sample_dir = (
+        out / "vae",
+        out / "data" / "latents",
+        out / "ldm",
+        out / "samples",
+    )
+    vae_ckpt = vae_dir / "checkpoints" / "last.ckpt"
+    vae = [
+        py,
+        "train.py",
+        "experiment=vae_tiny",
+        f"hydra.run.dir={vae_dir}",
+        f'data.train_urls="{urls}"',
+        f"data.val_urls={out / 'data' / 'val'}",
+        logger,
+    ]
     if args.vae_steps:
-        vae.append(f"trainer.max_steps={args.vae_steps}")
+        vae += [f"trainer.max_steps={args.vae_steps}", f"stage.loss.disc_start={args.vae_steps * 3 // 4}"]
     run(vae, "stage 1: autoencoder", timings)
+
+    # encode every training image once: stage 2 then trains on latents, without the autoencoder in its loop
+    cache = [
+        py,
+        "scripts/cache_latents.py",
+        f"autoencoder_ckpt={vae_ckpt}",
+        f'urls="{urls}"',
+        f"out_dir={cache_dir}",
+        "num_workers=1",
+    ]
+    run(cache, "caching latents", timings)
 
     ldm = [
         py,
         "train.py",
         "experiment=tiny",
+        "data=latents",
         f"hydra.run.dir={ldm_dir}",
-        *common,
-        f"autoencoder_ckpt={vae_dir / 'checkpoints' / 'last.ckpt'}",
+        f"data.train_urls={cache_dir}",
+        logger,
     ]
     if args.ldm_steps:
         ldm.append(f"trainer.max_steps={args.ldm_steps}")

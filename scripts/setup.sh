@@ -12,7 +12,12 @@ fi
 stamp=.venv/.ldm-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setting up .venv (torch, lightning, open_clip, webdataset, wandb …; about a minute)"
-  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+  log=.venv/pip-install.log  # pip's output goes here; shown only if the install fails
+  if ! { .venv/bin/python -m pip install --disable-pip-version-check --upgrade pip &&
+         .venv/bin/python -m pip install --disable-pip-version-check -e ".[dev]"; } >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "set-up failed; the whole pip log is in $log" >&2
+    exit 1
+  fi
   touch "$stamp"
 fi

@@ -8,6 +8,8 @@ and, at the end of training, measures the latent statistics stage 2 needs.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
@@ -18,6 +20,8 @@ from ldm.training.autoencoder_loss import AutoencoderLoss
 from ldm.training.module_base import LDMModuleBase
 from ldm.training.optim import AdamWSettings
 from ldm.utils.checkpoint import BUNDLE_KEY
+
+log = logging.getLogger(__name__)
 
 
 class AutoencoderModule(LDMModuleBase):
@@ -143,7 +147,7 @@ class AutoencoderModule(LDMModuleBase):
             self.autoencoder.encode, batches, self.latent_stats_samples, generator=generator
         )
         self.latent_description = latent_description(stats)
-        self.print(
+        log.info(
             f"latent statistics over {stats.num_samples} images: std {stats.std:.4f} → latent scale "
             f"{stats.scale:.4f}, mean {stats.mean:+.4f} (stored in the checkpoint)"
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -29,8 +30,10 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
-def train(cfg: DictConfig) -> dict:
-    """Train one stage as `cfg` describes; returns the final checkpoint path and the last logged metrics."""
+def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
+    """Train one stage as `cfg` describes; returns the final checkpoint path and the last logged metrics.
+
+    `extra_callbacks` join those of the config (benchmarks and tests use it to observe a run)."""
     check_config(cfg)
     stage = stage_of(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -45,6 +48,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data)
     logger = [instantiate(cfg.logger)] if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks += list(extra_callbacks)
     trainer_overrides = {}
     if not module.automatic_optimization:  # the module clips each of its optimizers itself
         module.gradient_clip_val = cfg.trainer.get("gradient_clip_val")
