@@ -125,7 +125,7 @@ def run_case(name: str, case: dict, steps: int, warmup: int, workers: int, work:
         f"data.num_workers={workers}",
         "data.shuffle_buffer=0",
         "~logger",
-        "~callbacks",
+        *(f"callbacks.{name}=null" for name in ("model_checkpoint", "sample_grid", "lr_monitor")),
         f"trainer.max_steps={steps + warmup}",
         "trainer.enable_progress_bar=false",
         "optim.warmup_steps=1",

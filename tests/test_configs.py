@@ -45,7 +45,7 @@ def test_group_option_instantiates(group, option, tmp_path):
         pytest.skip("built in test_laion_256_builds_and_steps")
     node = cfg[group]
     if group == "unet":
-        obj = instantiate(node, context_dim=32)
+        obj = instantiate(node, context_dim=32, in_channels=4, out_channels=4)
     elif group == "callbacks":
         obj = [instantiate(c) for c in node.values()]
     else:

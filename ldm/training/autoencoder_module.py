@@ -44,7 +44,7 @@ class AutoencoderModule(LDMModuleBase):
         self.loss = loss if loss is not None else AutoencoderLoss(discriminator=None, lpips=None)
         self.latent_stats_samples = latent_stats_samples
         self.gradient_clip_val: float | None = None  # set by run.train from trainer.gradient_clip_val
-        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3))  # mean of per-image PSNRs
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.latent_description: dict = {}
 

@@ -97,10 +97,14 @@ def build_autoencoder(cfg: Mapping):
 
 
 def build_denoising_parts(cfg: Mapping, text_encoder=None) -> dict:
-    """unet (its context width taken from the text encoder), text encoder, diffusion."""
+    """unet (its context width taken from the text encoder, its channels from the autoencoder when null), text
+    encoder, diffusion."""
     cfg = as_config(cfg)
     text_encoder = text_encoder if text_encoder is not None else build_text_encoder(cfg)
     unet_kwargs = {}
+    for key in ("in_channels", "out_channels"):  # null: the autoencoder's latent channels
+        if cfg.unet.get(key) is None:
+            unet_kwargs[key] = cfg.autoencoder.latent_channels
     if cfg.unet.get("context_dim") is None:
         unet_kwargs["context_dim"] = text_encoder.width
     if cfg.unet.get("pooled_dim", None) == "auto":
