@@ -1,0 +1,134 @@
+"""Several processes (all GPUs of a node, a Slurm job) evaluating together.
+
+Rank and world size come from an initialised process group, else from the launcher's environment: torchrun
+(RANK / WORLD_SIZE / LOCAL_RANK) or Slurm's srun (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID). Results are
+reduced with torchmetrics, which syncs its states over the default process group when there is one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from eval.features import InceptionOutput
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if os.environ.get(name, "").strip():
+            return int(os.environ[name])
+    return default
+
+
+def dist_context() -> DistContext:
+    """This process's place: from the process group if one is initialised, else from the launcher's env."""
+    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    if is_distributed():
+        return DistContext(dist.get_rank(), dist.get_world_size(), local)
+    if "WORLD_SIZE" in os.environ:
+        return DistContext(_env_int("RANK", default=0), _env_int("WORLD_SIZE", default=1), local)
+    if "SLURM_NTASKS" in os.environ and "SLURM_PROCID" in os.environ:
+        return DistContext(_env_int("SLURM_PROCID", default=0), _env_int("SLURM_NTASKS", default=1), local)
+    return DistContext()
+
+
+def init_distributed(timeout_minutes: float = 60.0) -> DistContext:
+    """Join the process group the environment describes (gloo on CPU, nccl on GPU); a no-op for one process.
+
+    Under srun without torchrun, MASTER_ADDR defaults to the job's first node and MASTER_PORT to one derived
+    from the job id. The timeout is long because rank 0 may compute reference statistics while others wait.
+    """
+    ctx = dist_context()
+    if ctx.world_size <= 1 or is_distributed():
+        return ctx
+    if "SLURM_JOB_ID" in os.environ:
+        os.environ.setdefault("MASTER_ADDR", _slurm_first_node())
+        os.environ.setdefault("MASTER_PORT", str(15000 + int(os.environ["SLURM_JOB_ID"]) % 20000))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(ctx.local_rank % torch.cuda.device_count())
+    dist.init_process_group(
+        "nccl" if torch.cuda.is_available() else "gloo",
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        timeout=timedelta(minutes=timeout_minutes),
+    )
+    return ctx
+
+
+def _slurm_first_node() -> str:
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST") or "localhost"
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True
+        )
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodes.split(",")[0]
+
+
+def resolve_device(spec: str, ctx: DistContext) -> torch.device:
+    """ "auto": this process's GPU (LOCAL_RANK) if there is one, else CPU."""
+    if spec != "auto":
+        return torch.device(spec)
+    if torch.cuda.is_available():
+        return torch.device("cuda", ctx.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+class IndexedFeatures(Metric):
+    """Inception outputs of images, each with its index in the evaluation set, gathered over processes and
+    returned in index order: KID subsets and IS splits depend on the order of samples, and sorting makes them
+    independent of how images were shared out."""
+
+    full_state_update = False
+    is_differentiable = False
+    index: list[Tensor]
+    pool: list[Tensor]
+    logits: list[Tensor]
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("index", [], dist_reduce_fx="cat")
+        self.add_state("pool", [], dist_reduce_fx="cat")
+        self.add_state("logits", [], dist_reduce_fx="cat")
+
+    def update(self, index: Tensor, out: InceptionOutput) -> None:
+        self.index.append(index.to(self.device, torch.long))
+        self.pool.append(out.pool.float())
+        self.logits.append(out.logits.float())
+
+    def compute(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(index (N,), pool (N, 2048), logits (N, 1008)) sorted by index."""
+        if isinstance(self.index, list) and not self.index:  # after a sync the states are tensors
+            raise ValueError("no images were scored")
+        index = dim_zero_cat(self.index)
+        order = torch.argsort(index)
+        return index[order], dim_zero_cat(self.pool)[order], dim_zero_cat(self.logits)[order]

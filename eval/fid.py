@@ -1,0 +1,180 @@
+"""FID, KID and Inception Score of a checkpoint's samples: `python eval/fid.py ckpt=… prompts=… reference=…`.
+
+- FID (Heusel et al. 2017, eq. 6): ‖μ_r − μ_g‖² + Tr(Σ_r + Σ_g − 2 (Σ_r Σ_g)^½), torchmetrics'
+  `FrechetInceptionDistance` with its states in float64; the reference side comes from cached statistics.
+- KID (Bińkowski et al. 2018, eq. 4): unbiased MMD² with the cubic kernel (xᵀy/d + 1)³, averaged over random
+  subsets: torch-fidelity's `kid_features_to_metric`, its default subsets and seed.
+- IS (Salimans et al. 2016): exp E[KL(p(y|x) ‖ p(y))] over splits, from the logits: torch-fidelity's
+  `isc_features_to_metric`, its default splits and seed.
+
+All three come from one Inception pass per image. Generated features are gathered over processes in image order
+(`IndexedFeatures`), so the numbers do not depend on how many processes made them.
+
+Run with torchrun (`torchrun --nproc-per-node 8 eval/fid.py …`) or srun for several GPUs. `eval/clip_score.py`
+is the same run without a reference (CLIP score only); `guidance_scales=[…]` sweeps.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+if __name__ == "__main__":  # `python eval/fid.py`: import the repository's `eval` package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from eval.distributed import IndexedFeatures, is_distributed
+from eval.features import POOL_DIM, InceptionFeatures
+from eval.reference import ReferenceStats
+
+
+@dataclass
+class InceptionMetrics:
+    fid: float
+    kid_mean: float | None  # None when the reference has no features (a moments-only .npz)
+    kid_std: float | None
+    is_mean: float
+    is_std: float
+    num_images: int
+    reference_images: int
+    kid_subset_size: int | None
+    isc_splits: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Precomputed(nn.Module):
+    """Identity "feature extractor": torchmetrics receives features that `InceptionFeatures` computed once."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+def frechet_metric(reference: ReferenceStats, holds_reference: bool = True) -> FrechetInceptionDistance:
+    """torchmetrics' FID (float64) whose real side holds the reference statistics and survives `reset()`.
+
+    torchmetrics sums *all* its states over processes, the real ones too: with several processes only one
+    (`holds_reference`, rank 0) may hold the reference, the others hold zeros, or it would count once per process.
+    """
+    fid = FrechetInceptionDistance(feature=_Precomputed(len(reference.mu)), reset_real_features=False)
+    fid.set_dtype(torch.float64)
+    if holds_reference:
+        fid.real_features_sum, fid.real_features_cov_sum, n = reference.fid_states()
+        fid.real_features_num_samples = n.to(fid.real_features_num_samples)
+    return fid
+
+
+class InceptionScorer:
+    """Accumulates generated images (any process, any order) and scores them against reference statistics."""
+
+    def __init__(
+        self,
+        extractor: InceptionFeatures,
+        reference: ReferenceStats,
+        kid_subsets: int = 100,
+        kid_subset_size: int = 1000,
+        isc_splits: int = 10,
+        rng_seed: int = 2020,
+    ) -> None:
+        if len(reference.mu) != POOL_DIM:
+            raise ValueError(f"reference statistics have {len(reference.mu)} dimensions, expected {POOL_DIM}")
+        self.extractor, self.reference = extractor, reference
+        self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
+        self.isc_splits, self.rng_seed = isc_splits, rng_seed
+        holds_reference = not is_distributed() or torch.distributed.get_rank() == 0  # torchmetrics syncs then
+        self.fid = frechet_metric(reference, holds_reference).to(extractor.device)
+        self.features = IndexedFeatures().to(extractor.device)
+
+    def reset(self) -> None:
+        self.fid.reset()
+        self.features.reset()
+
+    @torch.no_grad()
+    def update(self, indices: Sequence[int] | Tensor, images: Tensor) -> None:
+        """uint8 images (B, 3, H, W) and their indices in the evaluation set."""
+        out = self.extractor(images)
+        self.fid.update(out.pool.double(), real=False)
+        self.features.update(torch.as_tensor(indices), out)
+
+    def compute(self) -> InceptionMetrics:
+        """All processes must call (torchmetrics gathers); the values are the same on each."""
+        fid = float(self.fid.compute())
+        _, pool, logits = self.features.compute()
+        n = len(pool)
+        splits = max(1, min(self.isc_splits, n // 2))  # at least 2 images per split
+        isc = isc_features_to_metric(logits.cpu(), splits=splits, shuffle=True, rng_seed=self.rng_seed)
+        kid_mean = kid_std = subset = None
+        if self.reference.features is not None:
+            subset = min(self.kid_subset_size, n, self.reference.num_images)
+            kid = kid_features_to_metric(
+                pool.cpu(),
+                torch.from_numpy(self.reference.features),
+                kid_subsets=self.kid_subsets,
+                kid_subset_size=subset,
+                rng_seed=self.rng_seed,
+                verbose=False,
+            )
+            kid_mean = kid["kernel_inception_distance_mean"]
+            kid_std = kid["kernel_inception_distance_std"]
+        return InceptionMetrics(
+            fid=fid,
+            kid_mean=kid_mean,
+            kid_std=kid_std,
+            is_mean=isc["inception_score_mean"],
+            is_std=isc["inception_score_std"],
+            num_images=n,
+            reference_images=self.reference.num_images,
+            kid_subset_size=subset,
+            isc_splits=splits,
+        )
+
+    def protocol(self) -> dict:
+        return {
+            "feature_extractor": self.extractor.identity(),
+            "reference": {k: v for k, v in self.reference.info.items() if k != "feature_extractor"},
+            "fid": "torchmetrics FrechetInceptionDistance, float64 states (Heusel et al. 2017)",
+            "kid": {
+                "implementation": "torch-fidelity",
+                "subsets": self.kid_subsets,
+                "max_subset_size": self.kid_subset_size,
+                "kernel": "poly(3, 1/d, 1)",
+            },
+            "isc": {
+                "implementation": "torch-fidelity",
+                "max_splits": self.isc_splits,
+                "features": "logits_unbiased",
+            },
+            "rng_seed": self.rng_seed,
+        }
+
+
+def main() -> None:
+    import hydra
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig, OmegaConf
+
+    @hydra.main(config_path="../configs", config_name="eval", version_base="1.3")
+    def run(cfg: DictConfig) -> None:
+        from eval.runner import EvalSettings, run_evaluation
+
+        settings = OmegaConf.to_container(cfg, resolve=True)
+        sampler_config = settings.pop("sampler")
+        run_evaluation(EvalSettings(**settings), instantiate(cfg.sampler), sampler_config)
+
+    run()
+
+
+if __name__ == "__main__":
+    main()

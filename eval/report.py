@@ -1,0 +1,113 @@
+"""Where results go: JSON files next to each other, the FID-vs-CLIP plot of a sweep, a W&B run's summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+from pathlib import Path
+
+
+def write_json(obj: dict, path: str | os.PathLike) -> Path:
+    """Pretty JSON, written to a temporary file then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_sweep(results: list[dict], path: str | os.PathLike) -> Path:
+    """FID against CLIP score, one point per guidance scale (the trade-off curve of Saharia et al. 2022, fig. A.11);
+    FID against the scale when there is no CLIP score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = [r["guidance_scale"] for r in results]
+    fid = [r["metrics"].get("fid", math.nan) for r in results]
+    clip = [r["metrics"].get("clip_score") for r in results]
+    x, xlabel = (clip, "CLIP score") if all(c is not None for c in clip) else (scales, "guidance scale")
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    ax.plot(x, fid, "o-")
+    for xi, yi, g in zip(x, fid, scales, strict=True):
+        ax.annotate(f"w={g:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    protocol = results[0]["protocol"]
+    ax.set(xlabel=xlabel, ylabel="FID", title=f"guidance sweep, {protocol['num_images']} images")
+    ax.grid(alpha=0.3)
+    ax.ticklabel_format(useOffset=False)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _wandb_api_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def _flat(prefix: str, obj, out: dict) -> dict:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _flat(f"{prefix}/{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = obj if isinstance(obj, int | float | str | bool) or obj is None else json.dumps(obj)
+    return out
+
+
+def wandb_summary(
+    results: list[dict],
+    out_dir: str | os.PathLike,
+    project: str = "ldm",
+    name: str | None = None,
+    offline: bool | None = None,
+    plot: str | os.PathLike | None = None,
+    config: dict | None = None,
+) -> Path:
+    """One W&B run (job_type "eval") whose summary holds the metrics and the protocol; a sweep also logs one
+    step per guidance scale, a table and the plot. Offline (under `out_dir/wandb`) when no API key is configured.
+    Returns the run's directory."""
+    import wandb
+
+    if offline is None:
+        offline = os.environ.get("WANDB_MODE") == "offline" or not _wandb_api_key_available()
+    ckpt = results[0]["checkpoint"]
+    run = wandb.init(
+        project=project,
+        name=name or f"eval-{ckpt.get('name') or Path(ckpt['path']).stem}",
+        dir=str(out_dir),
+        mode="offline" if offline else "online",
+        job_type="eval",
+        config=config,
+    )
+    try:
+        if len(results) == 1:
+            run.summary.update(_flat("eval", results[0]["metrics"], {}))
+        else:
+            columns = ["guidance_scale", *results[0]["metrics"]]
+            table = wandb.Table(columns=columns)
+            for step, r in enumerate(results):
+                run.log(
+                    {"eval/guidance_scale": r["guidance_scale"], **_flat("eval", r["metrics"], {})}, step=step
+                )
+                table.add_data(r["guidance_scale"], *r["metrics"].values())
+                run.summary.update(_flat(f"eval/cfg{r['guidance_scale']:g}", r["metrics"], {}))
+            run.log({"eval/sweep": table}, step=len(results) - 1)
+            if plot is not None:
+                run.log({"eval/fid_vs_clip": wandb.Image(str(plot))}, step=len(results) - 1)
+        protocol = {k: v for k, v in results[0]["protocol"].items() if k != "guidance_scale"}
+        run.summary.update(_flat("protocol", protocol, {}))
+        run.summary.update(_flat("checkpoint", ckpt, {}))
+        return Path(run.dir).parent
+    finally:
+        run.finish()
