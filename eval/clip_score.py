@@ -13,7 +13,6 @@ The default, OpenAI's ViT-L/14, is the model of torchmetrics' `CLIPScore`; open_
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,8 +27,7 @@ from torchvision.transforms.v2 import functional as TF
 if __name__ == "__main__":  # `python eval/clip_score.py`: import the repository's `eval` package
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import ldm.conditioning.openclip  # noqa: F401  (registers ldm's small open_clip configs, e.g. "ldm-tiny-text")
-from ldm.utils.weights import MissingWeightsError
+from ldm.conditioning.openclip import create_openclip  # also registers ldm's small configs ("ldm-tiny-text")
 
 log = logging.getLogger(__name__)
 
@@ -37,45 +35,19 @@ DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-L-14-quickgelu", "openai"
 
 
 def create_clip_model(model_name: str, pretrained: str | None, cache_dir: str | None = None) -> nn.Module:
-    """An OpenCLIP model with both towers, frozen. Never silently random: `pretrained=None` is allowed only as an
-    explicit choice (tests), and a tag whose weights are not available locally offline names the file to fetch."""
-    is_local_dir = model_name.startswith("local-dir:")
-    is_file = bool(pretrained) and os.path.isfile(str(pretrained))
-    is_tag = bool(pretrained) and not is_local_dir and not is_file
-    if is_tag and not open_clip.get_pretrained_cfg(model_name, pretrained):
-        raise MissingWeightsError(
-            f"clip_pretrained={pretrained!r} is neither a local file nor a known open_clip tag for {model_name} "
-            f"(known tags: {open_clip.list_pretrained_tags_by_model(model_name)})"
-        )
-    try:
-        model = open_clip.create_model(
-            model_name, pretrained=None if is_local_dir else pretrained, cache_dir=cache_dir
-        )
-    except (RuntimeError, OSError) as err:
-        if is_tag:
-            raise MissingWeightsError(_missing_clip_message(model_name, str(pretrained), cache_dir)) from err
-        raise
-    if not pretrained and not is_local_dir:
+    """An OpenCLIP model with both towers, frozen, loaded offline as the text encoder is (`create_openclip`).
+    `pretrained=None` (random weights) is allowed only as an explicit choice, for tests."""
+    model = create_openclip(
+        model_name,
+        pretrained,
+        cache_dir,
+        pretrained_key="clip_pretrained",
+        model_key="clip_model",
+        what="the CLIP-score model's weights",
+    )
+    if not pretrained and not model_name.startswith("local-dir:"):
         log.warning("CLIP model %s is randomly initialised: its scores mean nothing (tests only)", model_name)
     return model.requires_grad_(False).eval()
-
-
-def _missing_clip_message(model_name: str, tag: str, cache_dir: str | None) -> str:
-    cfg = open_clip.get_pretrained_cfg(model_name, tag)
-    repo, filename = os.path.split(cfg.get("hf_hub", ""))  # "org/name/" → the default file name
-    filename = filename or "open_clip_model.safetensors (or open_clip_pytorch_model.bin)"
-    source = f"Hugging Face repo '{repo}'" if repo else f"URL {cfg.get('url')}"
-    hf_home = os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))
-    return (
-        f"Could not load the CLIP-score model {model_name} / {tag!r}: its weights are not in the local cache and "
-        f"could not be downloaded (offline machine?).\n"
-        f"Missing file: {filename} from {source}.\n"
-        f"Fix one of:\n"
-        f"  - copy the file to this machine and set clip_pretrained=/path/to/{filename.split(' ')[0]}\n"
-        f"  - put open_clip_config.json + the weights in a folder and set clip_model=local-dir:/path/to/folder\n"
-        f"  - pre-populate the Hugging Face cache ({cache_dir or os.path.join(hf_home, 'hub')}) on a machine "
-        f"with network"
-    )
 
 
 class ClipScore(Metric):
@@ -150,19 +122,9 @@ class ClipScore(Metric):
 
 
 def main() -> None:
-    import hydra
-    from hydra.utils import instantiate
-    from omegaconf import DictConfig, OmegaConf
+    from eval.runner import cli
 
-    @hydra.main(config_path="../configs", config_name="eval_clip", version_base="1.3")
-    def run(cfg: DictConfig) -> None:
-        from eval.runner import EvalSettings, run_evaluation
-
-        settings = OmegaConf.to_container(cfg, resolve=True)
-        sampler_config = settings.pop("sampler")
-        run_evaluation(EvalSettings(**settings), instantiate(cfg.sampler), sampler_config)
-
-    run()
+    cli("eval_clip")
 
 
 if __name__ == "__main__":

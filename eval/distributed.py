@@ -19,6 +19,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from eval.features import InceptionOutput
+from ldm.utils.launcher import launcher_rank
 
 
 @dataclass(frozen=True)
@@ -32,23 +33,12 @@ class DistContext:
         return self.rank == 0
 
 
-def _env_int(*names: str, default: int) -> int:
-    for name in names:
-        if os.environ.get(name, "").strip():
-            return int(os.environ[name])
-    return default
-
-
 def dist_context() -> DistContext:
     """This process's place: from the process group if one is initialised, else from the launcher's env."""
-    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    rank, world_size, local = launcher_rank()
     if is_distributed():
         return DistContext(dist.get_rank(), dist.get_world_size(), local)
-    if "WORLD_SIZE" in os.environ:
-        return DistContext(_env_int("RANK", default=0), _env_int("WORLD_SIZE", default=1), local)
-    if "SLURM_NTASKS" in os.environ and "SLURM_PROCID" in os.environ:
-        return DistContext(_env_int("SLURM_PROCID", default=0), _env_int("SLURM_NTASKS", default=1), local)
-    return DistContext()
+    return DistContext(rank, world_size, local)
 
 
 def init_distributed(timeout_minutes: float = 60.0) -> DistContext:

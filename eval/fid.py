@@ -161,19 +161,9 @@ class InceptionScorer:
 
 
 def main() -> None:
-    import hydra
-    from hydra.utils import instantiate
-    from omegaconf import DictConfig, OmegaConf
+    from eval.runner import cli
 
-    @hydra.main(config_path="../configs", config_name="eval", version_base="1.3")
-    def run(cfg: DictConfig) -> None:
-        from eval.runner import EvalSettings, run_evaluation
-
-        settings = OmegaConf.to_container(cfg, resolve=True)
-        sampler_config = settings.pop("sampler")
-        run_evaluation(EvalSettings(**settings), instantiate(cfg.sampler), sampler_config)
-
-    run()
+    cli("eval")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import netrc
 import os
 from pathlib import Path
+
+from ldm.utils.wandb_mode import wandb_offline
 
 
 def write_json(obj: dict, path: str | os.PathLike) -> Path:
@@ -47,15 +48,6 @@ def plot_sweep(results: list[dict], path: str | os.PathLike) -> Path:
     return path
 
 
-def _wandb_api_key_available() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
-
-
 def _flat(prefix: str, obj, out: dict) -> dict:
     if isinstance(obj, dict):
         for k, v in obj.items():
@@ -80,7 +72,7 @@ def wandb_summary(
     import wandb
 
     if offline is None:
-        offline = os.environ.get("WANDB_MODE") == "offline" or not _wandb_api_key_available()
+        offline = wandb_offline()
     ckpt = results[0]["checkpoint"]
     run = wandb.init(
         project=project,

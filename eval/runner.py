@@ -300,3 +300,21 @@ def _run_info(ctx: DistContext, device: torch.device, seconds: float) -> dict:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": {p: _package_version(p) for p in packages},
     }
+
+
+def cli(config_name: str) -> None:
+    """The body of `python eval/fid.py` (config "eval") and `eval/clip_score.py` ("eval_clip"): compose
+    `configs/<config_name>.yaml` with the command line's overrides and run the evaluation it describes."""
+    import hydra
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig, OmegaConf
+
+    configs = str(Path(__file__).resolve().parents[1] / "configs")  # absolute: eval/ is imported as a package
+
+    @hydra.main(config_path=configs, config_name=config_name, version_base="1.3")
+    def run(cfg: DictConfig) -> None:
+        settings = OmegaConf.to_container(cfg, resolve=True)
+        sampler_config = settings.pop("sampler")
+        run_evaluation(EvalSettings(**settings), instantiate(cfg.sampler), sampler_config)
+
+    run()

@@ -3,8 +3,6 @@
 python scripts/cache_latents.py autoencoder_ckpt=runs/vae/.../last.ckpt urls=/data/laion out_dir=/data/laion-latents
 """
 
-import os
-
 import hydra
 import torch
 from hydra.utils import instantiate
@@ -13,23 +11,13 @@ from omegaconf import DictConfig
 import ldm.utils.hydra_build  # noqa: F401  (registers the config resolvers)
 
 
-def _launcher_rank() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun or Slurm, else a single process."""
-    for rank, world, local in (
-        ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
-        ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
-    ):
-        if rank in os.environ and world in os.environ:
-            return int(os.environ[rank]), int(os.environ[world]), int(os.environ.get(local, 0))
-    return 0, 1, 0
-
-
 @hydra.main(config_path="../configs", config_name="cache_latents", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from ldm.inference import load_autoencoder
     from ldm.latent_cache import cache_info, cache_latents
+    from ldm.utils.launcher import launcher_rank
 
-    env_rank, env_world, local_rank = _launcher_rank()
+    env_rank, env_world, local_rank = launcher_rank()
     rank = env_rank if cfg.rank is None else cfg.rank
     world_size = env_world if cfg.world_size is None else cfg.world_size
     device = cfg.device

@@ -250,3 +250,18 @@ def _png() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 30, 30)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_launcher_rank_from_torchrun_then_slurm(monkeypatch):
+    from ldm.utils.launcher import launcher_rank
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    assert launcher_rank() == (0, 1, 0)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert launcher_rank() == (5, 8, 1)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert launcher_rank() == (2, 4, 0)  # torchrun's variables win; LOCAL_RANK unset → 0

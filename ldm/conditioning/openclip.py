@@ -116,43 +116,65 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
 
 
 def _create_clip(model_name: str, pretrained: str | None, cache_dir: str | None) -> nn.Module:
-    is_local_dir = model_name.startswith("local-dir:")
-    if pretrained and not is_local_dir and not os.path.isfile(pretrained):
-        tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
-        if not tag_cfg:
-            known = open_clip.list_pretrained_tags_by_model(model_name)
-            raise MissingWeightsError(
-                f"text_encoder.pretrained={pretrained!r} is neither a local file nor a known open_clip tag for "
-                f"{model_name} (known tags: {known})"
-            )
-    try:
-        # force_custom_text: the text tower becomes one `clip.text` module; plain-CLIP checkpoints are converted on load
-        clip = open_clip.create_model(
-            model_name, pretrained=pretrained, cache_dir=cache_dir, force_custom_text=True
-        )
-    except (RuntimeError, OSError) as err:
-        if pretrained and not is_local_dir and not os.path.isfile(pretrained):
-            raise MissingWeightsError(_missing_weights_message(model_name, pretrained, cache_dir)) from err
-        raise
+    # force_custom_text: the text tower becomes one `clip.text` module; plain-CLIP checkpoints are converted on load
+    clip = create_openclip(model_name, pretrained, cache_dir, force_custom_text=True)
     if hasattr(clip, "visual"):
         del clip.visual  # only the text tower is used; frees the image tower's memory
     return clip
 
 
-def _missing_weights_message(model_name: str, tag: str, cache_dir: str | None) -> str:
+def create_openclip(
+    model_name: str,
+    pretrained: str | None,
+    cache_dir: str | None = None,
+    *,
+    pretrained_key: str = "text_encoder.pretrained",
+    model_key: str = "text_encoder.model_name",
+    what: str = "OpenCLIP weights",
+    force_custom_text: bool = False,
+) -> nn.Module:
+    """`open_clip.create_model` for offline machines: `pretrained` is a tag (from the local Hugging Face cache), a
+    local file, or ignored for `model_name="local-dir:/path"` (the folder holds the weights). A tag that is unknown,
+    or whose weights are not cached and cannot be downloaded, raises MissingWeightsError naming the file, where it
+    comes from and the config keys (`pretrained_key`, `model_key`) that point at a local copy."""
+    is_local_dir = model_name.startswith("local-dir:")
+    is_tag = bool(pretrained) and not is_local_dir and not os.path.isfile(str(pretrained))
+    if is_tag and not open_clip.get_pretrained_cfg(model_name, pretrained):
+        known = open_clip.list_pretrained_tags_by_model(model_name)
+        raise MissingWeightsError(
+            f"{pretrained_key}={pretrained!r} is neither a local file nor a known open_clip tag for "
+            f"{model_name} (known tags: {known})"
+        )
+    try:
+        return open_clip.create_model(
+            model_name,
+            pretrained=None if is_local_dir else pretrained,
+            cache_dir=cache_dir,
+            force_custom_text=force_custom_text,
+        )
+    except (RuntimeError, OSError) as err:
+        if is_tag:
+            message = _missing_weights_message(
+                model_name, str(pretrained), cache_dir, pretrained_key, model_key, what
+            )
+            raise MissingWeightsError(message) from err
+        raise
+
+
+def _missing_weights_message(
+    model_name: str, tag: str, cache_dir: str | None, pretrained_key: str, model_key: str, what: str
+) -> str:
     cfg = open_clip.get_pretrained_cfg(model_name, tag)
-    repo, filename = os.path.split(
-        cfg.get("hf_hub", "")
-    )  # "org/name/" → default file name; "org/name/file.bin"
+    repo, filename = os.path.split(cfg.get("hf_hub", ""))  # "org/name/" → the default file name
     filename = filename or "open_clip_model.safetensors (or open_clip_pytorch_model.bin)"
     source = f"Hugging Face repo '{repo}'" if repo else f"URL {cfg.get('url')}"
     hf_home = os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))
     return (
-        f"Could not load OpenCLIP weights {model_name} / {tag!r}: they are not in the local cache and could not be "
+        f"Could not load {what} {model_name} / {tag!r}: they are not in the local cache and could not be "
         f"downloaded (offline machine?).\n"
         f"Missing file: {filename} from {source}.\n"
         f"Fix one of:\n"
-        f"  - copy the file to this machine and set text_encoder.pretrained=/path/to/{filename.split(' ')[0]}\n"
-        f"  - put open_clip_config.json + the weights in a folder and set text_encoder.model_name=local-dir:/path/to/folder\n"
+        f"  - copy the file to this machine and set {pretrained_key}=/path/to/{filename.split(' ')[0]}\n"
+        f"  - put open_clip_config.json + the weights in a folder and set {model_key}=local-dir:/path/to/folder\n"
         f"  - pre-populate the Hugging Face cache ({cache_dir or os.path.join(hf_home, 'hub')}) on a machine with network"
     )

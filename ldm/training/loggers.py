@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import netrc
 import os
 from collections.abc import Sequence
 
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-
-def wandb_api_key_available() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
+from ldm.utils.wandb_mode import wandb_offline
 
 
 def wandb_logger(
@@ -35,7 +27,7 @@ def wandb_logger(
     Offline runs are written under `save_dir/wandb/` and can be uploaded later with `wandb sync`.
     """
     if offline is None:
-        offline = os.environ.get("WANDB_MODE") == "offline" or not wandb_api_key_available()
+        offline = wandb_offline()
         if offline:
             rank_zero_info(
                 f"W&B: no API key found, logging offline to {save_dir}/wandb (upload later: wandb sync)"
