@@ -14,3 +14,13 @@ def compose_train(*overrides: str, run_dir: str = "/tmp/ldm-test-run"):
         return compose(
             "train", overrides=["data.train_urls=/nonexistent/x.tar", f"run_dir={run_dir}", *overrides]
         )
+
+
+# overrides that make a tiny training run take seconds on CPU
+FAST = [
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "data.shuffle_buffer=16",
+    "trainer.log_every_n_steps=1",
+    "optim.warmup_steps=2",
+]

@@ -35,6 +35,7 @@ from eval.reference import ReferenceStats, load_reference, moments, reference_st
 from ldm.data.synthetic import write_synthetic_shards
 from ldm.utils.weights import MissingWeightsError
 
+from .helpers import FAST as HELPER_FAST
 from .helpers import ROOT, compose_train
 
 TINY_CLIP = "ldm-tiny-text"  # ldm's small open_clip config: a 1-layer ViT (32 px) + a 3-layer text tower
@@ -43,14 +44,7 @@ PROMPTS = [
     "a green square on a white background",
     "a blue star on a yellow background",
 ]
-FAST = [
-    "data.batch_size=8",
-    "data.num_workers=0",
-    "data.shuffle_buffer=16",
-    "trainer.log_every_n_steps=1",
-    "optim.warmup_steps=2",
-    "sampler.num_steps=3",
-]
+FAST = [*HELPER_FAST, "sampler.num_steps=3"]
 
 
 # --- fixtures ---------------------------------------------------------------------------------------------

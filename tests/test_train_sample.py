@@ -14,15 +14,7 @@ from ldm.inference import TextToImage
 from ldm.utils.checkpoint import load_bundle
 from ldm.utils.images import read_png_metadata
 
-from .helpers import ROOT, compose_train
-
-FAST = [
-    "data.batch_size=8",
-    "data.num_workers=0",
-    "data.shuffle_buffer=16",
-    "trainer.log_every_n_steps=1",
-    "optim.warmup_steps=2",
-]
+from .helpers import FAST, ROOT, compose_train
 
 
 @pytest.fixture(scope="module")
