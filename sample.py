@@ -1,31 +1,79 @@
-"""Sample a trained model: `python sample.py ckpt=runs/.../last.ckpt prompts='[a red circle on a blue background]'`."""
+"""Sample a trained model: `python sample.py ckpt=runs/.../last.ckpt prompts='[a red circle on a blue background]'`.
+
+Modes (see docs/sampling.md): txt2img, img2img, inpaint, outpaint, variations; `reproduce=<png>` rebuilds an image
+from its metadata.
+"""
 
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import ldm.utils.hydra_build  # noqa: F401  (registers the config resolvers)
 
 
 @hydra.main(config_path="configs", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from ldm.inference import TextToImage, read_prompts, write_samples
+    from ldm.inference import TextToImage, read_prompts
+    from ldm.sampling import generate, prepare_job, reproduce_settings, write_samples
+    from ldm.utils.images import save_png, to_pil
 
+    batch = None
+    if cfg.reproduce:
+        settings = reproduce_settings(cfg.reproduce)
+        batch = settings.pop("batch")
+        cfg = OmegaConf.merge(cfg, {k: v for k, v in settings.items() if k != "sampler"})
+        cfg.sampler = settings["sampler"]
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     pipe, _ = TextToImage.from_checkpoint(cfg.ckpt, use_ema=cfg.use_ema, device=device)
-    grid = write_samples(
+    sampler = instantiate(cfg.sampler)
+    prompts = (
+        batch["prompts"]
+        if batch
+        else ([] if cfg.mode == "variations" else read_prompts(cfg.prompts, cfg.prompts_file))
+    )
+    job = prepare_job(
         pipe,
-        read_prompts(cfg.prompts, cfg.prompts_file),
-        sampler=instantiate(cfg.sampler),
-        out_dir=cfg.out_dir,
-        num_per_prompt=cfg.num_per_prompt,
-        guidance_scale=cfg.guidance_scale,
+        prompts,
+        mode=cfg.mode,
+        init_image=cfg.init_image,
+        mask=cfg.mask,
+        strength=cfg.strength,
+        outpaint=OmegaConf.to_container(cfg.outpaint),
+        variations_of=cfg.variations_of,
+        cell=cfg.cell,
         seed=cfg.seed,
         height=cfg.height,
         width=cfg.width,
+    )
+    if batch:  # one image, from the batch it was first sampled in
+        images = generate(
+            pipe, job, sampler, batch["prompts"], batch["seeds"], cfg.guidance_scale, cfg.guidance_rescale
+        )
+        path = save_png(
+            to_pil(images[batch["index"]].cpu()),
+            f"{cfg.out_dir}/reproduced.png",
+            {"reproduces": str(cfg.reproduce)},
+        )
+        print(f"image written to {path}")
+        return
+    extra = {
+        "checkpoint": str(cfg.ckpt),
+        "use_ema": cfg.use_ema,
+    }
+    grid = write_samples(
+        pipe,
+        job,
+        sampler=sampler,
+        out_dir=cfg.out_dir,
+        num_per_prompt=cfg.num_per_prompt,
+        grid_cols=cfg.grid_cols,
+        guidance_scale=cfg.guidance_scale,
+        guidance_rescale=cfg.guidance_rescale,
+        height=cfg.height,
+        width=cfg.width,
         batch_size=cfg.batch_size,
-        extra_metadata={"checkpoint": str(cfg.ckpt), "use_ema": cfg.use_ema},
+        extra_metadata=extra,
     )
     print(f"grid written to {grid}")
 

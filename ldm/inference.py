@@ -14,10 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from ldm.conditioning import Conditioning, FrozenOpenCLIPTextEncoder
-from ldm.diffusion import GaussianDiffusion, classifier_free_guidance
+from ldm.diffusion import GaussianDiffusion, InitImage, classifier_free_guidance
 from ldm.models import CrossAttentionUNet, KLAutoencoder
 from ldm.utils.checkpoint import load_bundle, submodule_state
-from ldm.utils.images import labelled_grid, save_png, to_pil
 
 Denoiser = Callable[[Tensor, Tensor, Conditioning], Tensor]
 
@@ -106,8 +105,20 @@ class TextToImage:
         height: int | None = None,
         width: int | None = None,
         progress: bool = False,
+        guidance_rescale: float = 0.0,
+        init_image: Tensor | None = None,
+        strength: float = 1.0,
+        mask: Tensor | None = None,
+        keep_unmasked_pixels: bool = True,
     ) -> Tensor:
-        """Images (B, 3, H, W) in [0, 1]; seed i fixes the initial noise of prompt i whatever the batch."""
+        """Images (B, 3, H, W) in [0, 1]; seed i fixes the initial noise of prompt i whatever the batch.
+
+        txt2img without ``init_image``. img2img: ``init_image`` (B or 1, 3, H, W) in [0, 1] and ``strength``.
+        Inpainting (any model): also ``mask`` (B or 1, 1, H, W), 1 = repaint, 0 = keep; a latent cell is repainted
+        when any of its pixels is, and with ``keep_unmasked_pixels`` the kept pixels are pasted back exactly.
+        """
+        if init_image is not None:
+            height, width = init_image.shape[-2:]
         height, width = height or self.image_size[0], width or self.image_size[1]
         seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         if len(seeds) != len(prompts):
@@ -119,11 +130,42 @@ class TextToImage:
         cond = self.text_encoder(list(prompts))
         uncond = self.text_encoder.null(len(prompts)) if guidance_scale != 1.0 else None
         model_fn = classifier_free_guidance(
-            unet_denoiser(self.unet), cond, uncond, guidance_scale, cat=Conditioning.cat
+            unet_denoiser(self.unet),
+            cond,
+            uncond,
+            guidance_scale,
+            cat=Conditioning.cat,
+            rescale=guidance_rescale,
         )
         generator = torch.Generator(self.device).manual_seed(int(seeds[0]))
-        z = sampler(model_fn, self.diffusion, noise.to(self.device), generator=generator, progress=progress)
-        return ((self.codec.decode(z) + 1) / 2).clamp(0, 1)
+        init = self._init(init_image, strength, mask, len(prompts))
+        z = sampler(
+            model_fn, self.diffusion, noise.to(self.device), generator=generator, progress=progress, init=init
+        )
+        images = ((self.codec.decode(z) + 1) / 2).clamp(0, 1)
+        if mask is not None and keep_unmasked_pixels:
+            images = torch.lerp(init_image.to(images), images, mask.to(images))
+        return images
+
+    def _init(
+        self, image: Tensor | None, strength: float, mask: Tensor | None, batch: int
+    ) -> InitImage | None:
+        """The image's latents (posterior mode) and the mask at latent resolution, for the sampler."""
+        if image is None:
+            if mask is not None:
+                raise ValueError("a mask needs an init_image")
+            return None
+        image = image.to(self.device, torch.float32)
+        latents = self.codec.encode(image * 2 - 1, sample=False).expand(batch, -1, -1, -1)
+        latent_mask = None
+        if mask is not None:
+            if mask.shape[-2:] != image.shape[-2:]:
+                raise ValueError(
+                    f"mask size {tuple(mask.shape[-2:])} differs from image size {tuple(image.shape[-2:])}"
+                )
+            f = self.codec.autoencoder.downsample_factor
+            latent_mask = torch.nn.functional.max_pool2d(mask.to(self.device, torch.float32), f)
+        return InitImage(latents, strength=strength, mask=latent_mask)
 
     @classmethod
     def from_checkpoint(
@@ -178,53 +220,3 @@ def read_prompts(
             "no prompts: pass prompts='[a prompt, another prompt]' or prompts_file=path/to/prompts.txt"
         )
     return out
-
-
-def write_samples(
-    pipe: TextToImage,
-    prompts: Sequence[str],
-    sampler: Callable,
-    out_dir: str | os.PathLike,
-    num_per_prompt: int = 4,
-    guidance_scale: float = 5.0,
-    seed: int = 0,
-    height: int | None = None,
-    width: int | None = None,
-    batch_size: int = 16,
-    extra_metadata: dict | None = None,
-) -> Path:
-    """One PNG per image (settings in its metadata) and a grid with a row per prompt; returns the grid's path.
-
-    Image j of every prompt uses seed `seed + j`, so a prompt's images do not depend on the other prompts.
-    """
-    out_dir = Path(out_dir)
-    height, width = height or pipe.image_size[0], width or pipe.image_size[1]
-    jobs = [(i, p, seed + j) for i, p in enumerate(prompts) for j in range(num_per_prompt)]
-    images = []
-    steps = getattr(sampler, "num_steps", None) or pipe.diffusion.num_timesteps
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        batch = pipe([p for _, p, _ in chunk], sampler, guidance_scale, [s for *_, s in chunk], height, width)
-        for (i, prompt, s), image in zip(chunk, batch.cpu(), strict=True):
-            meta = {
-                "prompt": prompt,
-                "seed": s,
-                "steps": steps,
-                "guidance_scale": guidance_scale,
-                "sampler": type(sampler).__name__,
-                "height": height,
-                "width": width,
-                **(extra_metadata or {}),
-            }
-            save_png(to_pil(image), out_dir / "images" / f"{i:03d}_{s:06d}.png", meta)
-            images.append(image)
-    grid = labelled_grid(torch.stack(images), num_per_prompt, list(prompts))
-    meta = {
-        "prompts": list(prompts),
-        "seed": seed,
-        "steps": steps,
-        "guidance_scale": guidance_scale,
-        "sampler": type(sampler).__name__,
-        **(extra_metadata or {}),
-    }
-    return save_png(grid, out_dir / "grid.png", meta)

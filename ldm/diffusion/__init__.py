@@ -4,17 +4,33 @@ Pure tensor code (torch, math, einops): the network is a callable and the condit
 """
 
 from ldm.diffusion.gaussian import DiffusionLoss, GaussianDiffusion
-from ldm.diffusion.guidance import classifier_free_guidance, drop_conditioning
+from ldm.diffusion.guidance import classifier_free_guidance, drop_conditioning, rescale_guidance
+from ldm.diffusion.init_image import InitImage
+from ldm.diffusion.k_samplers import (
+    DPMSolverPP2MSampler,
+    EulerAncestralSampler,
+    EulerSampler,
+    HeunSampler,
+    karras_sigmas,
+)
 from ldm.diffusion.samplers import DDIMSampler, DDPMSampler, sampling_timesteps
-from ldm.diffusion.schedules import make_betas
+from ldm.diffusion.schedules import make_betas, rescale_zero_terminal_snr
 
 __all__ = [
     "DDIMSampler",
     "DDPMSampler",
+    "DPMSolverPP2MSampler",
     "DiffusionLoss",
+    "EulerAncestralSampler",
+    "EulerSampler",
     "GaussianDiffusion",
+    "HeunSampler",
+    "InitImage",
     "classifier_free_guidance",
     "drop_conditioning",
+    "karras_sigmas",
     "make_betas",
+    "rescale_guidance",
+    "rescale_zero_terminal_snr",
     "sampling_timesteps",
 ]

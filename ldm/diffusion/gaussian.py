@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ldm.diffusion.schedules import make_betas
+from ldm.diffusion.schedules import make_betas, rescale_zero_terminal_snr
 
 PREDICTIONS = ("eps", "v", "x0")
 
@@ -23,8 +23,9 @@ PREDICTIONS = ("eps", "v", "x0")
 @dataclass
 class DiffusionLoss:
     loss: Tensor  # scalar mean over the batch
-    per_sample: Tensor  # (B,) MSE per sample, mean over the non-batch dims
+    per_sample: Tensor  # (B,) MSE per sample, mean over the non-batch dims (unweighted)
     t: Tensor  # (B,) long timesteps used
+    weights: Tensor  # (B,) loss weight of each sample (ones unless min-SNR-gamma weighting is on)
 
 
 def broadcast_to(coef: Tensor, x: Tensor) -> Tensor:
@@ -41,6 +42,14 @@ class GaussianDiffusion:
     - ``"v"``: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022, sec. 4 / appendix D).
     - ``"x0"``: the clean data.
 
+    Training options (each off by default; the config node carries them, so checkpoints remember them):
+
+    - ``zero_terminal_snr``: rescale the schedule so alpha_bar_{T-1} = 0 (Lin et al. 2024, Algorithm 1). The
+      last step is then pure noise, where eps cannot be turned into x0: use v (or x0) prediction (ibid. sec. 3.2).
+    - ``offset_noise``: training noise eps + offset * eps_c, eps_c ~ N(0, I) per sample and channel, constant
+      over space (Guttenberg 2023), so the model can change an image's mean brightness.
+    - ``min_snr_gamma``: weight the loss by min(SNR, gamma) in x0 terms (Hang et al. 2023, eq. 11-12).
+
     Schedule tensors are kept in float64 and cast to x's dtype and device where they are used, with a cached
     copy per device, so the methods work with inputs on any device without calling ``to``.
     """
@@ -52,13 +61,30 @@ class GaussianDiffusion:
         prediction: str = "eps",
         beta_start: float = 0.00085,
         beta_end: float = 0.012,
+        zero_terminal_snr: bool = False,
+        offset_noise: float = 0.0,
+        min_snr_gamma: float | None = None,
     ):
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
+        if zero_terminal_snr and prediction == "eps":
+            raise ValueError(
+                "zero_terminal_snr with eps prediction: at the last step x_t is pure noise and eps says nothing "
+                "about x0; use prediction=v (Lin et al. 2024, sec. 3.2)"
+            )
+        if offset_noise < 0:
+            raise ValueError(f"offset_noise must be >= 0, got {offset_noise}")
+        if min_snr_gamma is not None and min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be > 0 or null, got {min_snr_gamma}")
         self.schedule = schedule
         self.num_timesteps = num_timesteps
         self.prediction = prediction
+        self.zero_terminal_snr = zero_terminal_snr
+        self.offset_noise = offset_noise
+        self.min_snr_gamma = min_snr_gamma
         betas = make_betas(schedule, num_timesteps, beta_start=beta_start, beta_end=beta_end)
+        if zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         # float64 CPU masters; per-device copies are made once and cached (see _buffers).
         self._master = {
@@ -74,8 +100,20 @@ class GaussianDiffusion:
     def __repr__(self) -> str:
         return (
             f"GaussianDiffusion(schedule={self.schedule!r}, num_timesteps={self.num_timesteps}, "
-            f"prediction={self.prediction!r})"
+            f"prediction={self.prediction!r}, zero_terminal_snr={self.zero_terminal_snr}, "
+            f"offset_noise={self.offset_noise}, min_snr_gamma={self.min_snr_gamma})"
         )
+
+    def describe(self) -> dict:
+        """What a checkpoint records about how its model was trained."""
+        return {
+            "schedule": self.schedule,
+            "num_timesteps": self.num_timesteps,
+            "prediction": self.prediction,
+            "zero_terminal_snr": self.zero_terminal_snr,
+            "offset_noise": self.offset_noise,
+            "min_snr_gamma": self.min_snr_gamma,
+        }
 
     def _buffers(self, device: torch.device) -> dict[str, Tensor]:
         """Schedule tensors on ``device``: float64, or float32 on MPS (which has no float64)."""
@@ -133,6 +171,48 @@ class GaussianDiffusion:
         v = model_output
         return a * x_t - s * v, s * x_t + a * v
 
+    def from_x0_eps(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """The network output in ``self.prediction`` that implies (x0, eps) at t: the inverse of ``to_x0_eps``."""
+        if self.prediction == "eps":
+            return eps
+        if self.prediction == "x0":
+            return x0
+        return (
+            self._coef("sqrt_alphas_cumprod", t, x0) * eps
+            - self._coef("sqrt_one_minus_alphas_cumprod", t, x0) * x0
+        )
+
+    def training_noise(
+        self, shape: torch.Size, device, dtype, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """eps ~ N(0, I), plus ``offset_noise`` * N(0, 1) per (sample, channel) when offset noise is on."""
+        noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        if self.offset_noise > 0:
+            offset_shape = tuple(shape[:2]) + (1,) * (len(shape) - 2)
+            noise = noise + self.offset_noise * torch.randn(
+                offset_shape, generator=generator, device=device, dtype=dtype
+            )
+        return noise
+
+    def loss_weights(self, t: Tensor) -> Tensor:
+        """Per-sample loss weights (B,), float32: min-SNR-gamma (Hang et al. 2023) or ones.
+
+        The x0 loss is weighted by min(SNR, gamma). The eps and v losses equal SNR and SNR + 1 times the x0 loss
+        (for the same x0 error), so they are weighted by min(SNR, gamma) / SNR and min(SNR, gamma) / (SNR + 1).
+        """
+        if self.min_snr_gamma is None:
+            return torch.ones(t.shape, device=t.device, dtype=torch.float32)
+        snr = self._buffers(t.device)["alphas_cumprod"][t]
+        snr = snr / (1.0 - snr)
+        gamma = self.min_snr_gamma
+        if self.prediction == "x0":
+            w = snr.clamp(max=gamma)
+        elif self.prediction == "eps":
+            w = (gamma / snr).clamp(max=1.0)  # min(SNR, gamma) / SNR, finite at SNR = 0
+        else:
+            w = snr.clamp(max=gamma) / (snr + 1.0)
+        return w.to(torch.float32)
+
     def sample_timesteps(
         self, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None
     ) -> Tensor:
@@ -147,22 +227,24 @@ class GaussianDiffusion:
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> DiffusionLoss:
-        """Simple loss (DDPM eq. 14, generalized to the chosen parameterization): ||model_fn(x_t, t) - target||^2.
+        """Simple loss (DDPM eq. 14, generalized to the chosen parameterization): ||model_fn(x_t, t) - target||^2,
+        each sample weighted by ``loss_weights(t)``.
 
-        t and noise are drawn with ``generator`` (on x0's device) when not given. The squared error is taken
+        t and noise are drawn with ``generator`` (on x0's device) when not given (noise with the offset, if on). The squared error is taken
         in at least float32, so a bf16 network output is compared in full precision.
         """
         b = x0.shape[0]
         if t is None:
             t = self.sample_timesteps(b, x0.device, generator=generator)
         if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            noise = self.training_noise(x0.shape, x0.device, x0.dtype, generator=generator)
         x_t = self.q_sample(x0, t, noise)
         output = model_fn(x_t, t)
         target = self.target(x0, noise, t)
         dtype = torch.promote_types(torch.promote_types(output.dtype, target.dtype), torch.float32)
         per_sample = (output.to(dtype) - target.to(dtype)).square().reshape(b, -1).mean(dim=1)
-        return DiffusionLoss(loss=per_sample.mean(), per_sample=per_sample, t=t)
+        weights = self.loss_weights(t).to(per_sample.dtype)
+        return DiffusionLoss(loss=(weights * per_sample).mean(), per_sample=per_sample, t=t, weights=weights)
 
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) (Kingma et al. 2021), float32 on t's device."""

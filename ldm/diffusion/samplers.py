@@ -2,6 +2,10 @@
 
 Both walk a descending subsequence of the training timesteps; the step after the last (smallest) timestep
 uses alpha_bar_prev = 1, so the final sample is the predicted x0 (diffusers' ``set_alpha_to_one``).
+
+Every sampler (here and in ``ldm.diffusion.k_samplers``) is called as
+``sampler(model_fn, diffusion, noise, generator=None, progress=False, init=None)``: ``noise`` is x_T ~ N(0, I),
+``init`` an optional ``InitImage`` (img2img strength, inpainting mask).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ldm.diffusion.gaussian import GaussianDiffusion
+from ldm.diffusion.init_image import InitImage
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 SPACINGS = ("leading", "trailing", "linspace")
@@ -39,18 +44,36 @@ def sampling_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leadi
     return sorted(ts, reverse=True)
 
 
-def _steps(
-    diffusion: GaussianDiffusion, timesteps: list[int], progress: bool
-) -> Iterable[tuple[int, float, float]]:
-    """(t, alpha_bar_t, alpha_bar_prev) for descending timesteps; alpha_bar_prev = 1 after the last."""
-    ab = diffusion.alphas_cumprod.detach().to("cpu", torch.float64).tolist()
-    prev = [ab[t] for t in timesteps[1:]] + [1.0]
-    steps = [(t, ab[t], ab_prev) for t, ab_prev in zip(timesteps, prev, strict=True)]
+def alphas_cumprod_list(diffusion: GaussianDiffusion) -> list[float]:
+    return diffusion.alphas_cumprod.detach().to("cpu", torch.float64).tolist()
+
+
+def with_progress(steps: list, progress: bool) -> Iterable:
     if progress:
         from tqdm.auto import tqdm
 
         return tqdm(steps, desc="sampling")
     return steps
+
+
+def _begin(
+    diffusion: GaussianDiffusion, timesteps: list[int], noise: Tensor, init: InitImage | None
+) -> tuple[list[int], Tensor]:
+    """The timesteps actually walked and the starting x_t: all of them from x_T = noise, or for an init image
+    the last ``init.num_steps_to_run`` of them from the image's latents noised to the first one."""
+    if init is None:
+        return timesteps, noise
+    timesteps = timesteps[len(timesteps) - init.num_steps_to_run(len(timesteps)) :]
+    return timesteps, init.start(noise, alphas_cumprod_list(diffusion)[timesteps[0]])
+
+
+def _steps(
+    diffusion: GaussianDiffusion, timesteps: list[int], progress: bool
+) -> Iterable[tuple[int, float, float]]:
+    """(t, alpha_bar_t, alpha_bar_prev) for descending timesteps; alpha_bar_prev = 1 after the last."""
+    ab = alphas_cumprod_list(diffusion)
+    prev = [ab[t] for t in timesteps[1:]] + [1.0]
+    return with_progress([(t, ab[t], ab_prev) for t, ab_prev in zip(timesteps, prev, strict=True)], progress)
 
 
 def _predict(
@@ -100,9 +123,10 @@ class DDPMSampler:
         x_T: Tensor,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        init: InitImage | None = None,
     ) -> Tensor:
-        x = x_T
-        for t, ab, ab_prev in _steps(diffusion, self.timesteps(diffusion.num_timesteps), progress):
+        timesteps, x = _begin(diffusion, self.timesteps(diffusion.num_timesteps), x_T, init)
+        for t, ab, ab_prev in _steps(diffusion, timesteps, progress):
             x0, _ = _predict(model_fn, diffusion, x, t, ab, self.clip_x0)
             beta = 1.0 - ab / ab_prev
             # DDPM eq. 7: posterior mean coefficients and variance beta_tilde.
@@ -112,6 +136,8 @@ class DDPMSampler:
             x = coef_x0 * x0 + coef_xt * x
             if var > 0:
                 x = x + math.sqrt(var) * _noise(x, generator)
+            if init is not None:
+                x = init.blend(x, x_T, ab_prev)
         return x
 
 
@@ -159,12 +185,15 @@ class DDIMSampler:
         x_T: Tensor,
         generator: torch.Generator | None = None,
         progress: bool = False,
+        init: InitImage | None = None,
     ) -> Tensor:
-        x = x_T
-        for t, ab, ab_prev in _steps(diffusion, self.timesteps(diffusion.num_timesteps), progress):
+        timesteps, x = _begin(diffusion, self.timesteps(diffusion.num_timesteps), x_T, init)
+        for t, ab, ab_prev in _steps(diffusion, timesteps, progress):
             x0, eps = _predict(model_fn, diffusion, x, t, ab, self.clip_x0)
             sigma = self.eta * math.sqrt((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev))
             x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1.0 - ab_prev - sigma**2, 0.0)) * eps
             if sigma > 0:
                 x = x + sigma * _noise(x, generator)
+            if init is not None:
+                x = init.blend(x, x_T, ab_prev)
         return x

@@ -37,3 +37,17 @@ def make_betas(
         betas = 1 - alpha_bar[1:] / alpha_bar[:-1]
         return betas.clamp(max=0.999)
     raise ValueError(f"unknown noise schedule {kind!r}; valid kinds: {', '.join(SCHEDULES)}")
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose last alpha_bar is exactly 0 (zero terminal SNR), Lin et al. 2024, Algorithm 1.
+
+    sqrt(alpha_bar) is shifted so its last value is 0 and scaled so its first value is unchanged; the betas
+    are recomputed from the rescaled alpha_bar (the last beta becomes 1).
+    """
+    sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    ab = sqrt_ab**2
+    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
+    return 1.0 - alphas
