@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -55,6 +56,10 @@ def ldm_run(vae_run, shards, tmp_path_factory):
         f"autoencoder_ckpt={vae_run[0]['checkpoint']}",
         "trainer.max_steps=4",
         "sampler.num_steps=3",
+        # the training options of issue 7, on: checkpoints must carry them to sample.py
+        "diffusion.zero_terminal_snr=true",
+        "diffusion.offset_noise=0.05",
+        "diffusion.min_snr_gamma=5.0",
         "callbacks.sample_grid.every_n_steps=2",
         "callbacks.model_checkpoint.every_n_train_steps=2",
         *FAST,
@@ -112,6 +117,14 @@ def test_stage2_checkpoint_describes_itself(ldm_run):
     assert bundle["text_encoder"]["model_name"] == "ldm-tiny-text"
     assert bundle["text_encoder"]["weights_in_checkpoint"] is True
     assert bundle["config"]["diffusion"]["prediction"] == "v"
+    assert bundle["diffusion"] == {
+        "schedule": "cosine",
+        "num_timesteps": 1000,
+        "prediction": "v",
+        "zero_terminal_snr": True,
+        "offset_noise": 0.05,
+        "min_snr_gamma": 5.0,
+    }
     state = ckpt["state_dict"]
     for prefix in ("unet.", "ema.module.", "codec.autoencoder.", "text_encoder."):
         assert any(k.startswith(prefix) for k in state), prefix
@@ -215,3 +228,120 @@ def test_train_cli_runs(shards, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
+
+
+# ---------------------------------------------------------------- sample.py modes (issue 7)
+
+
+def test_pipeline_rebuilds_the_training_options_from_the_checkpoint(ldm_run):
+    pipe, _ = TextToImage.from_checkpoint(ldm_run[0]["checkpoint"])
+    d = pipe.diffusion
+    assert (d.zero_terminal_snr, d.offset_noise, d.min_snr_gamma) == (True, 0.05, 5.0)
+    assert d.alphas_cumprod[-1].item() == 0.0  # the rescaled schedule, not the plain cosine one
+
+
+def _run_sample(*args, cwd=ROOT):
+    proc = subprocess.run(
+        [sys.executable, "sample.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _pixels(path):
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+def test_sample_grids_reproduce_and_variations(ldm_run, tmp_path):
+    """2×2 grid per prompt with captions; an image rebuilt from its PNG metadata alone (a stochastic sampler,
+    batches straddling prompts); variations of a grid cell with new seeds."""
+    ckpt = ldm_run[0]["checkpoint"]
+    out = tmp_path / "txt2img"
+    _run_sample(
+        f"ckpt={ckpt}",
+        "prompts=[a red circle on a blue background,a blue star]",
+        f"out_dir={out}",
+        "sampler=euler_ancestral",
+        "sampler.num_steps=4",
+        "guidance_scale=3.0",
+        "guidance_rescale=0.7",
+        "batch_size=3",
+        "seed=11",
+    )
+    images = sorted((out / "images").glob("*.png"))
+    assert len(images) == 8
+    grid_meta = read_png_metadata(out / "grids" / "001.png")
+    assert grid_meta["prompt"] == "a blue star" and grid_meta["seeds"] == [11, 12, 13, 14]
+    assert len(grid_meta["cells"]) == 4 and grid_meta["sampler_config"]["_target_"].endswith(
+        "EulerAncestralSampler"
+    )
+    with Image.open(out / "grids" / "001.png") as grid:
+        assert 2 * 32 < grid.width < 3 * 96 and grid.height > grid.width  # 2 columns, 2 rows + 2 captions
+    meta = read_png_metadata(images[5])  # prompt 1, seed 12: made in a batch with prompt 0's last image
+    assert (
+        meta["guidance_rescale"] == 0.7 and meta["batch"]["prompts"][0] == "a red circle on a blue background"
+    )
+
+    again = tmp_path / "again"
+    _run_sample(
+        f"reproduce={images[5]}", f"out_dir={again}", "ckpt=ignored", "sampler=ddim", "guidance_scale=9"
+    )
+    np.testing.assert_array_equal(_pixels(again / "reproduced.png"), _pixels(images[5]))
+
+    from ldm.diffusion import DDIMSampler
+    from ldm.sampling import prepare_job, write_samples
+
+    pipe, _ = TextToImage.from_checkpoint(ckpt)
+    job = prepare_job(pipe, [], mode="variations", variations_of=str(out / "grids" / "001.png"), cell=1)
+    write_samples(pipe, job, DDIMSampler(4), tmp_path / "variations", num_per_prompt=2, guidance_scale=3.0)
+    var_images = sorted((tmp_path / "variations" / "images").glob("*.png"))
+    assert len(var_images) == 2
+    vmeta = read_png_metadata(var_images[0])
+    assert vmeta["prompt"] == "a blue star" and vmeta["mode"] == "img2img" and vmeta["strength"] == 0.6
+    assert vmeta["seed"] == 12 + 1 and vmeta["variation_of"].endswith("001_000012.png")
+    assert not np.array_equal(_pixels(var_images[0]), _pixels(var_images[1]))
+
+
+def test_img2img_inpaint_outpaint(ldm_run, tmp_path):
+    from ldm.diffusion import DPMSolverPP2MSampler
+    from ldm.sampling import prepare_job, write_samples
+
+    pipe, _ = TextToImage.from_checkpoint(ldm_run[0]["checkpoint"])
+    rng = np.random.default_rng(0)
+    source = tmp_path / "source.png"
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(source)
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[8:24, 4:20] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    sampler = DPMSolverPP2MSampler(4, karras=True)
+    prompts = ["a green square on a white background"]
+
+    def run(name, **kwargs):
+        job = prepare_job(pipe, prompts, init_image=str(source), **kwargs)
+        write_samples(pipe, job, sampler, tmp_path / name, num_per_prompt=2, guidance_scale=2.0)
+        return [_pixels(p) for p in sorted((tmp_path / name / "images").glob("*.png"))]
+
+    original = _pixels(source)
+    # (the distance to the source is checked at the sampler level, tests/test_samplers.py: this VAE is untrained)
+    low = run("img2img_low", mode="img2img", strength=0.25)
+    high = run("img2img_high", mode="img2img", strength=1.0)
+    assert low[0].shape == (32, 32, 3) and not np.array_equal(low[0], high[0])
+    meta = read_png_metadata(sorted((tmp_path / "img2img_low" / "images").glob("*.png"))[0])
+    assert meta["mode"] == "img2img" and meta["strength"] == 0.25 and len(meta["init_image_sha256"]) == 16
+
+    inpainted = run("inpaint", mode="inpaint", mask=str(tmp_path / "mask.png"))
+    keep = mask == 0
+    for image in inpainted:
+        np.testing.assert_array_equal(image[keep], original[keep])  # kept pixels are the source's
+        assert np.abs(image[~keep] - original[~keep]).mean() > 10  # the hole is generated
+    meta = read_png_metadata(sorted((tmp_path / "inpaint" / "images").glob("*.png"))[0])
+    assert meta["mode"] == "inpaint" and meta["mask"].endswith("mask.png") and meta["strength"] == 1.0
+
+    outpainted = run("outpaint", mode="outpaint", outpaint={"left": 8, "bottom": 16})
+    assert outpainted[0].shape == (48, 40, 3)
+    np.testing.assert_array_equal(outpainted[0][:32, 8:], original)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        prepare_job(pipe, prompts, mode="outpaint", init_image=str(source), outpaint={"left": 4})
+    with pytest.raises(ValueError, match="mask needs an init_image"):
+        pipe(prompts, sampler, mask=torch.ones(1, 1, 32, 32))

@@ -1,4 +1,8 @@
-"""LightningDataModules over WebDataset shards: image-text shards, or cached-latent shards (`ldm.data.latents`)."""
+"""LightningDataModules over WebDataset shards: image-text shards, or cached-latent shards (`ldm.data.latents`).
+
+The training loader is a `ResumableLoader`: Lightning saves its position (every worker of every rank) in each
+checkpoint, and a resumed run continues with exactly the samples that would have come next.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ldm.data.latents import latent_pipeline, read_cache_info
+from ldm.data.stream import ResumableLoader, ShardStream
 from ldm.data.webdataset import image_text_pipeline
 
 
@@ -28,22 +33,30 @@ class _ShardDataModule(L.LightningDataModule):
         prefetch_factor: int | None = 2,
         persistent_workers: bool = True,
         pin_memory: bool = True,
+        round_shards: int = 8,
     ):
         super().__init__()
         self.train_urls = train_urls if isinstance(train_urls, str) else list(train_urls)
         self.val_urls = val_urls if val_urls is None or isinstance(val_urls, str) else list(val_urls)
         self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
-        self.resampled, self.seed = resampled, seed
+        self.resampled, self.seed, self.round_shards = resampled, seed, round_shards
         self.prefetch_factor, self.persistent_workers, self.pin_memory = (
             prefetch_factor,
             persistent_workers,
             pin_memory,
         )
 
-    def _loader(self, pipeline) -> DataLoader:
+    def _loader(self, pipeline: ShardStream, resumable: bool = False) -> DataLoader:
         kwargs = {}
         if self.num_workers > 0:
             kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": self.persistent_workers}
+        if resumable:
+            return ResumableLoader(
+                pipeline,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory and torch.cuda.is_available(),
+                **kwargs,
+            )
         return DataLoader(
             pipeline,
             batch_size=None,
@@ -83,7 +96,9 @@ class ImageTextDataModule(_ShardDataModule):
                 resampled=self.resampled,
                 seed=self.seed,
                 hflip_prob=self.hflip_prob,
-            )
+                round_shards=self.round_shards,
+            ),
+            resumable=True,
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -128,7 +143,9 @@ class CachedLatentDataModule(_ShardDataModule):
                 shuffle_buffer=self.shuffle_buffer,
                 resampled=self.resampled,
                 seed=self.seed,
-            )
+                round_shards=self.round_shards,
+            ),
+            resumable=True,
         )
 
     def val_dataloader(self) -> DataLoader | list:

@@ -19,12 +19,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
-import webdataset as wds
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from ldm.data.stream import ShardStream
 from ldm.data.transforms import SampleError, decode_caption
-from ldm.data.webdataset import Batch, SkipCounter, expand_urls, shard_stages
+from ldm.data.webdataset import SkipCounter, expand_urls
 
 LATENTS_MEMBER = "latents.safetensors"
 CACHE_INFO = "cache_info.json"
@@ -76,7 +76,7 @@ class DecodeLatents:
         self.counter = counter
 
     @staticmethod
-    def decode(sample: dict) -> dict:
+    def decode(sample: dict, rng=None) -> dict:
         if LATENTS_MEMBER not in sample:
             raise SampleError("missing_image", f"no .{LATENTS_MEMBER} member")
         out = decode_latents_member(sample[LATENTS_MEMBER])
@@ -104,16 +104,24 @@ def latent_pipeline(
     seed: int = 0,
     split_by_node: bool = True,
     partial_batches: bool = False,
+    round_shards: int = 8,
     log_every: int = 1000,
-) -> wds.DataPipeline:
+) -> ShardStream:
     """Batches from cached-latent shards: {"latent_mean": (B, C, h, w), "latent_std", "caption", "key", ...},
     with "text_tokens" / "text_pooled" / "text_mask" when the cache holds the text encoding. Same shard
-    handling (resampling, splitting, shuffling, skip counting) as `image_text_pipeline`."""
-    counter = SkipCounter(log_every=log_every)
-    stages = shard_stages(urls, counter, resampled, shuffle_buffer, seed, split_by_node)
-    stages.append(DecodeLatents(counter))
-    stages.append(Batch(batch_size, counter, partial=partial_batches))
-    return wds.DataPipeline(*stages)
+    handling (resampling, splitting, shuffling, skip counting, exact resume) as `image_text_pipeline`."""
+    return ShardStream(
+        urls,
+        DecodeLatents.decode,
+        batch_size,
+        resampled=resampled,
+        shuffle_buffer=shuffle_buffer,
+        seed=seed,
+        split_by_node=split_by_node,
+        partial_batches=partial_batches,
+        round_shards=round_shards,
+        log_every=log_every,
+    )
 
 
 def read_cache_info(urls: str | Sequence[str]) -> dict | None:

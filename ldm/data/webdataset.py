@@ -98,24 +98,6 @@ def _stream_rng(seed: int, stage: str, epoch: int) -> random.Random:
     return random.Random(f"{seed}/{stage}/rank{rank}/worker{worker}/epoch{epoch}")
 
 
-class ShardList(torch.utils.data.IterableDataset):
-    """Each shard once per iteration, shuffled with the same order on every rank and worker (so that
-    `split_by_node` / `split_by_worker` partition it) and a new order every epoch."""
-
-    def __init__(self, urls: Sequence[str], shuffle: bool = True, seed: int = 0):
-        super().__init__()
-        self.urls, self.shuffle, self.seed = list(urls), shuffle, seed
-        self.epoch = -1  # counted in each process's copy: persistent workers step their own
-
-    def __iter__(self) -> Iterator[dict[str, str]]:
-        self.epoch += 1
-        urls = list(self.urls)
-        if self.shuffle:
-            random.Random(f"{self.seed}/shards/epoch{self.epoch}").shuffle(urls)
-        for url in urls:
-            yield {"url": url}
-
-
 _META_FILE = re.compile(r"(^|/)__[^/]*__($|/)")
 
 
@@ -176,43 +158,13 @@ class TarSamples:
                 self.counter.skip("tar_error", exn, url)
 
 
-class ShuffleBuffer:
-    """Uniform pick from a buffer of `size` samples; seeded per rank, worker and epoch."""
+class ImageDecoder:
+    """A raw sample → {"image": (3, R, R) float in [-1, 1], "caption": str, "key": str}; raises SampleError."""
 
-    def __init__(self, size: int, seed: int = 0, initial: int | None = None):
-        self.size, self.seed = size, seed
-        self.initial = min(size, initial if initial is not None else max(1, size // 10))
-        self.epoch = -1
+    def __init__(self, transform: ImageTransform, image_keys: Sequence[str] = IMAGE_KEYS):
+        self.transform, self.image_keys = transform, tuple(image_keys)
 
-    def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
-        self.epoch += 1
-        rng = _stream_rng(self.seed, "shuffle", self.epoch)
-        buffer: list = []
-        for count, sample in enumerate(samples, 1):
-            buffer.append(sample)
-            # past `initial`, the buffer grows by one every other sample until it holds `size`
-            if len(buffer) >= self.size or (len(buffer) >= self.initial and count % 2 == 0):
-                i = rng.randrange(len(buffer))
-                buffer[i], buffer[-1] = buffer[-1], buffer[i]
-                yield buffer.pop()
-        rng.shuffle(buffer)
-        yield from buffer
-
-
-class DecodeSamples:
-    """Raw samples → {"image": (3, R, R) float in [-1, 1], "caption": str, "key": str}; bad ones counted."""
-
-    def __init__(
-        self,
-        transform: ImageTransform,
-        counter: SkipCounter,
-        image_keys: Sequence[str] = IMAGE_KEYS,
-        seed: int = 0,
-    ):
-        self.transform, self.counter, self.image_keys, self.seed = transform, counter, tuple(image_keys), seed
-        self.epoch = -1
-
-    def decode(self, sample: dict, rng: random.Random) -> dict:
+    def __call__(self, sample: dict, rng: random.Random) -> dict:
         image_key = next((k for k in self.image_keys if k in sample), None)
         if image_key is None:
             raise SampleError("missing_image", f"no {'/'.join(self.image_keys)} member")
@@ -224,12 +176,26 @@ class DecodeSamples:
             raise SampleError("decode_error", f"transform failed: {type(exn).__name__}: {exn}") from exn
         return {"image": tensor, "caption": caption, "key": sample["__key__"]}
 
+
+class DecodeSamples:
+    """Raw samples → decoded samples (`ImageDecoder`); bad ones counted and skipped."""
+
+    def __init__(
+        self,
+        transform: ImageTransform,
+        counter: SkipCounter,
+        image_keys: Sequence[str] = IMAGE_KEYS,
+        seed: int = 0,
+    ):
+        self.decode_one, self.counter, self.seed = ImageDecoder(transform, image_keys), counter, seed
+        self.epoch = -1
+
     def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
         self.epoch += 1
         rng = _stream_rng(self.seed, "augment", self.epoch)
         for sample in samples:
             try:
-                decoded = self.decode(sample, rng)
+                decoded = self.decode_one(sample, rng)
             except SampleError as exn:
                 self.counter.skip(exn.reason, exn, f"{sample.get('__url__')}:{sample.get('__key__')}")
                 continue
@@ -286,43 +252,31 @@ def image_text_pipeline(
     image_keys: Sequence[str] = IMAGE_KEYS,
     partial_batches: bool = False,
     hflip_prob: float = 0.0,
+    round_shards: int = 8,
     log_every: int = 1000,
-) -> wds.DataPipeline:
-    """Batches of images and captions from WebDataset shards, for `DataLoader(pipeline, batch_size=None)`.
+):
+    """Batches of images and captions from WebDataset shards, for `DataLoader(pipeline, batch_size=None)`
+    (a `ldm.data.stream.ShardStream`: resumable at the exact sample with `ResumableLoader`).
 
     urls: brace patterns ("/data/shards-{000000..000099}.tar"), `::`-separated lists, lists of either,
         local paths or `pipe:` commands ("pipe:curl -s -L https://...").
-    resampled: True → an endless stream of shards drawn with replacement, seeded per rank and worker;
-        False → each shard once per iteration, split across ranks (`split_by_node`) and workers.
+    resampled: True → an endless stream of shards drawn with replacement, seeded per rank and worker, in
+        rounds of `round_shards` shards; False → each shard once per epoch, split across ranks
+        (`split_by_node`) and workers.
     shuffle_buffer: samples held for shuffling; 0 also keeps the shards in order (for validation).
     """
-    counter = SkipCounter(log_every=log_every)
-    stages = shard_stages(urls, counter, resampled, shuffle_buffer, seed, split_by_node)
+    from ldm.data.stream import ShardStream  # the stream builds on this module's stages
+
     transform = ImageTransform(resolution, crop=crop, hflip_prob=hflip_prob)
-    stages.append(DecodeSamples(transform, counter, image_keys=image_keys, seed=seed))
-    stages.append(Batch(batch_size, counter, partial=partial_batches))
-    return wds.DataPipeline(*stages)
-
-
-def shard_stages(
-    urls: str | Sequence[str],
-    counter: SkipCounter,
-    resampled: bool,
-    shuffle_buffer: int,
-    seed: int,
-    split_by_node: bool = True,
-) -> list:
-    """The stages up to raw samples, shared by every pipeline: shard list (resampled, or split across ranks and
-    workers), tar reading, shuffle buffer."""
-    shard_urls = expand_urls(urls)
-    if resampled:
-        stages: list = [wds.ResampledShards(shard_urls, seed=seed, deterministic=True)]
-    else:
-        stages = [ShardList(shard_urls, shuffle=shuffle_buffer > 0, seed=seed)]
-        if split_by_node:
-            stages.append(wds.split_by_node)
-        stages.append(wds.split_by_worker)
-    stages.append(TarSamples(counter))
-    if shuffle_buffer > 1:
-        stages.append(ShuffleBuffer(shuffle_buffer, seed=seed))
-    return stages
+    return ShardStream(
+        urls,
+        ImageDecoder(transform, image_keys),
+        batch_size,
+        resampled=resampled,
+        shuffle_buffer=shuffle_buffer,
+        seed=seed,
+        split_by_node=split_by_node,
+        partial_batches=partial_batches,
+        round_shards=round_shards,
+        log_every=log_every,
+    )

@@ -90,7 +90,10 @@ class DiffusionModule(LDMModuleBase):
         self.log_data_stats(batch)
         return out.loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # here, not in on_train_batch_end: callbacks' on_train_batch_end (checkpoints, preemption) run before the
+        # module's, and must see the EMA of the step they save; with accumulation, once per optimizer step
         self.ema.update(self.unet)
 
     # --- sampling ---------------------------------------------------------------------------------------------
@@ -121,10 +124,7 @@ class DiffusionModule(LDMModuleBase):
             "latent_scale": float(self.codec.scale),
             "latent_shift": float(self.codec.shift),
             "text_encoder": self.text_encoder.identity(),
-            "diffusion": {
-                "num_timesteps": self.diffusion.num_timesteps,
-                "prediction": self.diffusion.prediction,
-            },
+            "diffusion": self.diffusion.describe(),  # schedule, prediction and the training options
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

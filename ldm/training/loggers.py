@@ -21,10 +21,12 @@ def wandb_logger(
     tags: Sequence[str] = (),
     id: str | None = None,
     log_model: bool = False,
+    resume: str | None = None,
 ) -> WandbLogger:
     """offline=None: online if an API key is configured (WANDB_API_KEY or `wandb login`), else offline.
 
     Offline runs are written under `save_dir/wandb/` and can be uploaded later with `wandb sync`.
+    `id` with `resume="allow"` continues that run (`run.train` sets both, so a requeued job logs into its run).
     """
     if offline is None:
         offline = wandb_offline()
@@ -43,4 +45,5 @@ def wandb_logger(
         tags=list(tags),
         id=id,
         log_model=log_model,
+        **({"resume": resume} if resume else {}),
     )

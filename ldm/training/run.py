@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
+import secrets
+import subprocess
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,11 +15,14 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.data.latents import read_cache_info
 from ldm.inference import LatentCodec
 from ldm.training.checkpoint_io import AtomicCheckpointIO
+from ldm.training.resume import ExactResumeCallback, PreemptionCallback
+from ldm.training.throughput import ThroughputCallback
 from ldm.utils.checkpoint import load_bundle, submodule_state
 from ldm.utils.hydra_build import (
     build_autoencoder,
@@ -33,7 +40,10 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
     """Train one stage as `cfg` describes; returns the final checkpoint path and the last logged metrics.
 
-    `extra_callbacks` join those of the config (benchmarks and tests use it to observe a run)."""
+    `extra_callbacks` join those of the config (benchmarks and tests use it to observe a run). A run dir that
+    holds an `hpc_ckpt_<n>.ckpt` (left by a preempted run) resumes from it. On the preemption signal (USR1) the
+    run checkpoints, stops, and under Slurm requeues its job; the result then has `preempted: True`."""
+    preemption = PreemptionCallback()  # first: from here on USR1 checkpoints instead of killing
     check_config(cfg)
     stage = stage_of(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -44,12 +54,14 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
         _adopt_autoencoder_config(cfg)
     else:
         _cache_info(cfg)  # refuses cached latents as stage-1 data
+    trainer_overrides, plugins = _cluster(cfg)
     module = build_module(cfg)
+    if cfg.get("compile"):
+        module.trainable_module().compile()  # in place: state_dict keys stay those of the plain module
     datamodule = instantiate(cfg.data)
-    logger = [instantiate(cfg.logger)] if cfg.get("logger") else False
+    logger = [instantiate(cfg.logger, **_wandb_resume(cfg, run_dir))] if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    callbacks += list(extra_callbacks)
-    trainer_overrides = {}
+    callbacks += [ExactResumeCallback(), ThroughputCallback(), preemption, *extra_callbacks]
     if not module.automatic_optimization:  # the module clips each of its optimizers itself
         module.gradient_clip_val = cfg.trainer.get("gradient_clip_val")
         trainer_overrides["gradient_clip_val"] = None
@@ -59,25 +71,110 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
         default_root_dir=str(run_dir),
         logger=logger,
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *plugins],
     )
+    scale = _scale_lr(cfg, module, trainer)
     if logger and trainer.is_global_zero:
-        logger[0].log_hyperparams(to_plain(cfg))
-    log.info("stage %s: run dir %s", stage, run_dir)
+        logger[0].log_hyperparams({**to_plain(cfg), "derived": scale})
+    ckpt_path = cfg.ckpt_path or _hpc_checkpoint(run_dir)
+    log.info("stage %s: run dir %s; %s", stage, run_dir, scale)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         final = run_dir / "checkpoints" / "last.ckpt"
-        trainer.save_checkpoint(final)  # the state at max_steps, whatever the periodic interval
+        if preemption.preempted:
+            final = Path(preemption.checkpoint)
+        else:
+            trainer.save_checkpoint(final)  # the state at max_steps, whatever the periodic interval
     finally:
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger) and lg._experiment is not None:
                 lg.experiment.finish()  # a later train() in this process starts its own run
+    if preemption.preempted and trainer.is_global_zero:
+        _requeue()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     return {
         "checkpoint": str(final),
         "run_dir": str(run_dir),
         "metrics": metrics,
         "global_step": trainer.global_step,
+        "preempted": preemption.preempted,
+    }
+
+
+def _cluster(cfg: DictConfig) -> tuple[dict, list]:
+    """Under Slurm: devices and nodes from the allocation (Lightning refuses others), and its environment
+    (ranks, master address/port from the job). Requeueing is `PreemptionCallback`'s, not Lightning's."""
+    if not SLURMEnvironment.detect():
+        return {}, []
+    nodes = int(os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1)
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    devices = int(per_node) if per_node.isdigit() else int(os.environ["SLURM_NTASKS"]) // nodes
+    if (cfg.trainer.get("devices"), cfg.trainer.get("num_nodes")) != (devices, nodes):
+        log.info("Slurm allocation: trainer.devices=%d trainer.num_nodes=%d", devices, nodes)
+    return {"devices": devices, "num_nodes": nodes}, [SLURMEnvironment(auto_requeue=False)]
+
+
+def _hpc_checkpoint(run_dir: Path) -> str | None:
+    """The newest checkpoint a preempted run left in `run_dir` (Lightning's `hpc_ckpt_<n>.ckpt`), if any."""
+    found = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    if found:
+        log.info("resuming from %s (left by a preempted run)", found[-1])
+    return str(found[-1]) if found else None
+
+
+def _requeue() -> None:
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if not job:
+        return  # not under Slurm: rerun the same command (same run dir) to resume
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode == 0:
+        log.warning("requeued Slurm job %s", job)
+    else:
+        log.error("scontrol requeue %s failed (%d): %s", job, result.returncode, result.stderr.strip())
+
+
+def _wandb_resume(cfg: DictConfig, run_dir: Path) -> dict:
+    """One W&B run per run dir: its id is kept in `run_dir/wandb_id.txt`, so a requeued or resumed job logs
+    into the same run. Derived from the Slurm job id under Slurm (the same on every rank), else random."""
+    if not str(cfg.logger.get("_target_", "")).endswith("wandb_logger") or cfg.logger.get("id"):
+        return {}
+    path = run_dir / "wandb_id.txt"
+    if path.is_file():
+        run_id = path.read_text().strip()
+    else:
+        job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        run_id = f"{cfg.name}-slurm{job}" + (f"_{task}" if task else "") if job else None
+        run_id = run_id or secrets.token_hex(4)
+        if int(os.environ.get("SLURM_PROCID", os.environ.get("RANK", 0))) == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(run_id + "\n")
+    return {"id": run_id, "resume": "allow"}
+
+
+def _scale_lr(cfg: DictConfig, module: L.LightningModule, trainer: L.Trainer) -> dict:
+    """Global batch = per-device batch × devices × nodes × accumulation; optim.lr scaled by `lr_scaling`
+    (none | linear | sqrt) relative to `base_batch_size`. The numbers go into the logged config (`derived`)."""
+    global_batch = cfg.data.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+    rule = cfg.get("lr_scaling") or "none"
+    ratio = global_batch / cfg.get("base_batch_size", global_batch)
+    factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}.get(rule)
+    if factor is None:
+        raise ValueError(f"lr_scaling must be none, linear or sqrt, got {rule!r}")
+    settings = module.optim_settings
+    base_lr = settings.lr
+    settings.lr = base_lr * factor
+    return {
+        "world_size": trainer.world_size,
+        "num_nodes": trainer.num_nodes,
+        "global_batch_size": global_batch,
+        "lr_scaling": rule,
+        "base_lr": base_lr,
+        "lr": settings.lr,
+        "strategy": type(trainer.strategy).__name__,
+        "precision": trainer.precision,
     }
 
 

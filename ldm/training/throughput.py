@@ -1,0 +1,80 @@
+"""Per-step speed: images/s, samples seen, model TFLOP/s and the fraction of time spent waiting for data."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import lightning as L
+from torch.utils.flop_counter import FlopCounterMode
+
+log = logging.getLogger(__name__)
+
+
+class ThroughputCallback(L.Callback):
+    """Logs at each optimizer step (subject to `trainer.log_every_n_steps`):
+
+    perf/images_per_sec   images per second over all ranks, over the last step
+    perf/samples_seen     images consumed by all ranks since the run began (carried across resumes)
+    perf/tflops_per_device  FLOPs of one training step per device (forward, backward, optimizer; counted once
+                          with torch.utils.flop_counter on the first batch) ÷ step time
+    perf/data_wait_frac   share of the step spent waiting for the training loader's next batch
+    perf/step_time        seconds per optimizer step
+    """
+
+    def __init__(self, measure_flops: bool = True) -> None:
+        self.measure_flops = measure_flops
+        self.samples_seen = 0
+        self.flops_per_batch: float | None = None
+        self._counter: FlopCounterMode | None = None
+        self._t0: float | None = None
+        self._wait0 = 0.0
+        self._images = 0
+        self._micro = 0
+
+    def _wait(self, trainer) -> float:
+        loader = trainer.fit_loop._combined_loader
+        loaders = loader.flattened if loader is not None else []
+        return sum(getattr(dl, "wait_seconds", 0.0) for dl in loaders)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._t0, self._wait0 = time.perf_counter(), self._wait(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.measure_flops and self.flops_per_batch is None and self._counter is None:
+            self._counter = FlopCounterMode(display=False)
+            self._counter.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.flops_per_batch = float(self._counter.get_total_flops())
+            self._counter = None
+        n = len(batch["key"]) if "key" in batch else 0
+        self._images += n * trainer.world_size
+        self._micro += 1
+        if (batch_idx + 1) % trainer.accumulate_grad_batches != 0:
+            return
+        now, wait = time.perf_counter(), self._wait(trainer)
+        dt = max(now - (self._t0 or now), 1e-9)
+        self.samples_seen += self._images
+        metrics = {
+            "perf/images_per_sec": self._images / dt,
+            "perf/samples_seen": float(self.samples_seen),
+            "perf/data_wait_frac": min(1.0, (wait - self._wait0) / dt),
+            "perf/step_time": dt,
+        }
+        if self.flops_per_batch:
+            metrics["perf/tflops_per_device"] = self.flops_per_batch * self._micro / dt / 1e12
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        self._t0, self._wait0, self._images, self._micro = now, wait, 0, 0
+
+    def state_dict(self) -> dict:
+        return {"samples_seen": self.samples_seen, "flops_per_batch": self.flops_per_batch}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.samples_seen = int(state_dict.get("samples_seen", 0))
+        # counted once per run, not again after a resume: a step under FlopCounterMode may round differently,
+        # and a resumed run must take the same steps as an uninterrupted one
+        flops = state_dict.get("flops_per_batch")
+        self.flops_per_batch = float(flops) if flops is not None else self.flops_per_batch

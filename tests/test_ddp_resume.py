@@ -1,0 +1,159 @@
+"""2-process CPU DDP (gloo) training through `train.py`, preempted with USR1 and resumed, against an uninterrupted
+run: the same samples at every step on every rank, and bit-identical final weights and optimizer state."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm.data.synthetic import write_synthetic_shards
+
+from .helpers import FAST, ROOT, compose_train
+
+pytestmark = pytest.mark.slow
+MAX_STEPS = 14
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Shards (4 of 24: one per worker of each rank) and a 1-step stage-1 checkpoint."""
+    from ldm.training.run import train
+
+    shards = tmp_path_factory.mktemp("ddp-shards")
+    write_synthetic_shards(shards, num_samples=96, samples_per_shard=24, resolution=32, seed=0)
+    cfg = compose_train(
+        "experiment=vae_tiny",
+        f"data.train_urls={shards}",
+        "trainer.max_steps=1",
+        "logger=csv",
+        "stage.latent_stats_samples=8",
+        *FAST,
+        run_dir=str(tmp_path_factory.mktemp("ddp-vae")),
+    )
+    return str(shards), train(cfg)["checkpoint"]
+
+
+def _command(setup, run_dir: Path, hold_at: int | None = None) -> list[str]:
+    shards, vae = setup
+    hold = f"+callbacks.hold={{_target_: tests.callbacks.HoldForPreemption, step: {hold_at}}}"
+    return [
+        sys.executable,
+        "train.py",
+        "experiment=tiny",
+        f"data.train_urls={shards}",
+        f"autoencoder_ckpt={vae}",
+        f"trainer.max_steps={MAX_STEPS}",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.enable_progress_bar=false",
+        "data.resampled=false",  # one epoch = 24 samples per worker: 3 batches; epochs roll over
+        "data.num_workers=2",
+        "data.persistent_workers=false",
+        "callbacks.sample_grid=null",
+        "callbacks.model_checkpoint.every_n_train_steps=1000",
+        f"+callbacks.sample_log={{_target_: ldm.training.resume.SampleLogCallback, dir: {run_dir}/samples}}",
+        f"hydra.run.dir={run_dir}",
+        *[o for o in FAST if not o.startswith("data.num_workers")],
+        *([hold] if hold_at is not None else []),
+    ]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "passive", "WANDB_MODE": "offline"}
+
+
+def _log(run_dir: Path, rank: int) -> list[dict]:
+    path = run_dir / "samples" / f"rank{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _run(setup, run_dir: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        _command(setup, run_dir), cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env()
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _preempt_when_training(setup, run_dir: Path, at_step: int = 3) -> subprocess.CompletedProcess:
+    """Start the run; once both ranks have started step `at_step`, send each of them USR1 (as Slurm does).
+    The ranks wait for it at the end of that step, so the run stops after step `at_step` + 1 however fast it is."""
+    proc = subprocess.Popen(
+        _command(setup, run_dir, hold_at=at_step + 1),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        logs = [_log(run_dir, r) for r in (0, 1)]
+        if all(log and log[-1]["step"] >= at_step for log in logs):
+            for log in logs:
+                os.kill(log[-1]["pid"], signal.SIGUSR1)
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-4000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _steps(run_dir: Path, rank: int) -> dict[int, list[str]]:
+    return {line["step"]: line["keys"] for line in _log(run_dir, rank)}
+
+
+def test_preempted_ddp_run_resumes_exactly(setup, tmp_path):
+    reference = tmp_path / "uninterrupted"
+    _run(setup, reference)
+
+    run = tmp_path / "preempted"
+    first = _preempt_when_training(setup, run)
+    hpc = run / "hpc_ckpt_1.ckpt"
+    assert hpc.is_file()
+    stopped_at = torch.load(hpc, weights_only=True, map_location="cpu")["global_step"]
+    assert stopped_at == 4, "the signal lands after step 3 (the run holds there for it)"
+    second = _run(setup, run)  # the same command, the same run dir: resumes from hpc_ckpt_1
+    assert (
+        "resuming from" in second.stderr + second.stdout
+        and "hpc_ckpt_1.ckpt" in second.stderr + second.stdout
+    )
+    assert "preemption signal: saved" in first.stderr + first.stdout
+
+    # the same samples at every step on each rank; each step once over the two runs
+    for rank in (0, 1):
+        expected = _steps(reference, rank)
+        assert sorted(expected) == list(range(MAX_STEPS))
+        lines = _log(run, rank)
+        assert [line["step"] for line in lines] == list(range(MAX_STEPS))
+        assert {line["step"]: line["keys"] for line in lines} == expected
+        assert len({line["pid"] for line in lines}) == 2  # two processes: before and after the preemption
+    # ranks see different samples; within an epoch (3 steps × 2 ranks × 8) every sample once
+    r0, r1 = _steps(reference, 0), _steps(reference, 1)
+    epoch0 = [k for s in range(6) for k in r0[s] + r1[s]]
+    assert len(epoch0) == len(set(epoch0)) == 96
+
+    a = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    b = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert a["global_step"] == b["global_step"] == MAX_STEPS
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name  # bit-identical, EMA included
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # throughput state: images over both ranks, carried across the resume; FLOPs counted once, in the first run
+    speed = [ckpt["callbacks"]["ThroughputCallback"] for ckpt in (a, b, torch.load(hpc, weights_only=True))]
+    assert [s["samples_seen"] for s in speed] == [MAX_STEPS * 16, MAX_STEPS * 16, 4 * 16]
+    assert speed[0]["flops_per_batch"] > 0 and speed[1]["flops_per_batch"] == speed[2]["flops_per_batch"]
+
+    # one W&B run across the preemption: both offline run dirs carry the id of run_dir/wandb_id.txt
+    run_id = (run / "wandb_id.txt").read_text().strip()
+    dirs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(dirs) == 2 and all(d.name.endswith(run_id) for d in dirs)

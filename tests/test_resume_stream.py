@@ -1,0 +1,157 @@
+"""Exact resume of the data stream: after `state_dict` / `load_state_dict` the loader gives exactly the batches an
+uninterrupted loader would have given next; within an epoch every sample is seen once over all ranks and workers.
+
+Ranks are emulated with RANK / WORLD_SIZE (what `ResumableLoader` reads when torch.distributed is not set up);
+the 2-process DDP test (tests/test_ddp_resume.py) runs the same code under a real process group.
+"""
+
+import io
+import tarfile
+from itertools import islice
+
+import pytest
+import torch
+
+from ldm.data.latents import encode_latents_member, latent_pipeline
+from ldm.data.stream import ResumableLoader
+from ldm.data.synthetic import write_synthetic_shards
+from ldm.data.webdataset import image_text_pipeline
+
+NUM_SHARDS, PER_SHARD = 8, 6
+
+
+@pytest.fixture(scope="module")
+def image_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stream-shards")
+    write_synthetic_shards(
+        out, num_samples=NUM_SHARDS * PER_SHARD, samples_per_shard=PER_SHARD, resolution=32
+    )
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def latent_shards(tmp_path_factory):
+    """Cached-latent shards in the format `scripts/cache_latents.py` writes (posterior mean/std + caption)."""
+    out = tmp_path_factory.mktemp("latent-shards")
+    gen = torch.Generator().manual_seed(0)
+    for s in range(NUM_SHARDS):
+        with tarfile.open(out / f"latents-{s:06d}.tar", "w") as tar:
+            for i in range(PER_SHARD):
+                key = f"{s * PER_SHARD + i:09d}"
+                member = encode_latents_member(torch.randn(4, 4, 4, generator=gen), torch.rand(4, 4, 4) + 0.1)
+                for name, data in (
+                    (f"{key}.latents.safetensors", member),
+                    (f"{key}.txt", f"c{key}".encode()),
+                ):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(out)
+
+
+def _loader(kind, urls, num_workers, resampled, seed=0):
+    common = dict(shuffle_buffer=10, resampled=resampled, seed=seed, round_shards=2)
+    if kind == "images":
+        stream = image_text_pipeline(urls, 16, 4, crop="random", hflip_prob=0.5, **common)
+    else:
+        stream = latent_pipeline(urls, 4, **common)
+    return ResumableLoader(stream, num_workers=num_workers)
+
+
+def _epochs(loader, max_epochs: int = 6):
+    """Batches as a training loop meets them: one pass after another, marking each as consumed. (A loader
+    resumed at the very end of an epoch has an empty pass first, as Lightning sees it.)"""
+    for _ in range(max_epochs):
+        for batch in loader:
+            loader.mark_consumed(batch)
+            yield batch
+
+
+def _tensor(batch):
+    return batch["image"] if "image" in batch else batch["latent_mean"]
+
+
+def _same(a, b):
+    assert [x["key"] for x in a] == [x["key"] for x in b]
+    for x, y in zip(a, b):
+        assert torch.equal(_tensor(x), _tensor(y))  # same crops and flips too
+
+
+@pytest.mark.parametrize(
+    "kind,num_workers,resampled,stop",
+    [
+        ("images", 0, False, 5),
+        ("images", 2, False, 5),  # mid-epoch, the next batch due from worker 1
+        ("images", 2, False, 12),  # at the epoch's end: the next epoch follows
+        ("images", 2, True, 7),  # resampled, past the first round of some workers
+        ("latents", 2, False, 3),
+        ("latents", 0, True, 9),
+    ],
+)
+def test_resumed_loader_continues_with_the_next_batches(
+    kind, num_workers, resampled, stop, image_shards, latent_shards, monkeypatch
+):
+    urls = image_shards if kind == "images" else latent_shards
+    total = 18
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        expected = list(islice(_epochs(_loader(kind, urls, num_workers, resampled)), total))
+        assert len(expected) == total
+
+        first = _loader(kind, urls, num_workers, resampled)
+        before = list(islice(_epochs(first), stop))
+        state = first.state_dict()
+        del first
+        resumed = _loader(kind, urls, num_workers, resampled)
+        resumed.load_state_dict(state)
+        after = list(islice(_epochs(resumed), total - stop))
+        _same(before + after, expected)
+
+
+@pytest.mark.parametrize("kind", ["images", "latents"])
+def test_one_epoch_over_ranks_and_workers_sees_every_sample_once(
+    kind, image_shards, latent_shards, monkeypatch
+):
+    """2 ranks × 2 workers, interrupted mid-epoch on each rank: still each sample once."""
+    urls = image_shards if kind == "images" else latent_shards
+    keys = []
+    for rank, stop in ((0, 3), (1, 2)):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        first = _loader(kind, urls, 2, resampled=False)
+        it = iter(first)
+        for batch in islice(it, stop):
+            first.mark_consumed(batch)
+            keys += batch["key"]
+        state = first.state_dict()
+        resumed = _loader(kind, urls, 2, resampled=False)
+        resumed.load_state_dict(state)
+        keys += [k for batch in resumed for k in batch["key"]]  # the rest of epoch 0
+    # 8 shards of 6 over 4 workers: 12 samples each = 3 batches of 4, nothing dropped
+    assert sorted(keys) == [f"{i:09d}" for i in range(NUM_SHARDS * PER_SHARD)]
+
+
+def test_state_names_every_worker_and_rank(image_shards, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    loader = _loader("images", image_shards, 2, resampled=False)
+    consumed = list(islice(_epochs(loader), 3))
+    state = loader.state_dict()
+    (mine,) = state["ranks"]  # without a process group, only this rank's entry
+    assert state["world_size"] == 2 and mine["epoch"] == 0 and mine["num_workers"] == 2
+    assert mine["next_worker"] == 1  # batches 0, 1, 0 came from workers 0, 1, 0
+    assert mine["positions"] == {0: [0, 8], 1: [0, 4]}
+    assert [int(b["stream"][1]) for b in consumed] == [0, 1, 0]
+
+
+def test_other_worker_count_starts_a_fresh_epoch(image_shards, monkeypatch, caplog):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    first = _loader("images", image_shards, 2, resampled=False)
+    list(islice(_epochs(first), 2))
+    resumed = _loader("images", image_shards, 0, resampled=False)
+    resumed.load_state_dict(first.state_dict())
+    batch = next(iter(resumed))
+    assert int(batch["stream"][0]) == 1  # epoch 1, from its beginning
+    assert "cannot continue at the exact sample" in caplog.text
