@@ -229,6 +229,18 @@ def test_train_cli_runs(shards, tmp_path):
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
 
+    # the throughput panels (ThroughputCallback), logged at every step here (log_every_n_steps=1)
+    import csv
+
+    (metrics_file,) = tmp_path.glob("**/metrics.csv")
+    rows = [r for r in csv.DictReader(metrics_file.open()) if r.get("perf/samples_seen")]
+    assert [float(r["perf/samples_seen"]) for r in rows] == [8.0, 16.0]  # batch 8, one process
+    for r in rows:
+        step_time, images_per_sec = float(r["perf/step_time"]), float(r["perf/images_per_sec"])
+        assert step_time > 0 and images_per_sec * step_time == pytest.approx(8.0)
+        assert 0.0 <= float(r["perf/data_wait_frac"]) <= 1.0
+        assert float(r["perf/tflops_per_device"]) > 0  # FLOPs counted on the first batch
+
 
 # ---------------------------------------------------------------- sample.py modes (issue 7)
 
