@@ -16,7 +16,11 @@ from ldm.diffusion import (
     DDIMSampler,
     DDPMSampler,
     DiffusionLoss,
+    DPMSolverPP2MSampler,
+    EulerAncestralSampler,
+    EulerSampler,
     GaussianDiffusion,
+    HeunSampler,
     classifier_free_guidance,
     drop_conditioning,
     make_betas,
@@ -259,8 +263,23 @@ SAMPLERS = [
     DDPMSampler(num_steps=25),
 ]
 
+# the k-diffusion-style samplers (tests/test_samplers.py has their own tests)
+K_SAMPLERS = [
+    EulerSampler(1),
+    EulerSampler(10),
+    EulerAncestralSampler(10),
+    EulerAncestralSampler(7, eta=0.5, timestep_spacing="trailing"),
+    HeunSampler(10),
+    HeunSampler(6, karras=True),
+    DPMSolverPP2MSampler(2),
+    DPMSolverPP2MSampler(20),
+    DPMSolverPP2MSampler(20, karras=True),
+    DPMSolverPP2MSampler(15, timestep_spacing="leading"),
+    DPMSolverPP2MSampler(15, timestep_spacing="linspace"),
+]
 
-@pytest.mark.parametrize("sampler", SAMPLERS, ids=repr)
+
+@pytest.mark.parametrize("sampler", SAMPLERS + K_SAMPLERS, ids=repr)
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_perfect_denoiser_returns_the_data_point(sampler, prediction):
     diffusion = GaussianDiffusion(prediction=prediction)

@@ -17,28 +17,20 @@ rank's entry is gathered, so the checkpoint written by rank 0 holds all of them.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm.data.transforms import SampleError
 from ldm.data.webdataset import Batch, SkipCounter, TarSamples, expand_urls
+from ldm.utils.launcher import gather_objects, rank_and_world
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the world size: torch.distributed when initialized, else RANK / WORLD_SIZE."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 class ShardStream(IterableDataset):
@@ -242,14 +234,11 @@ class ResumableLoader(DataLoader):
         }
 
     def state_dict(self) -> dict:
-        local = self.local_state()
-        rank, world = rank_and_world()
-        if world > 1 and dist.is_available() and dist.is_initialized():
-            ranks: list = [None] * world
-            dist.all_gather_object(ranks, local)
-        else:
-            ranks = [local]
-        return {"version": STATE_VERSION, "world_size": world, "ranks": ranks}
+        return {
+            "version": STATE_VERSION,
+            "world_size": rank_and_world()[1],
+            "ranks": gather_objects(self.local_state()),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         rank, world = rank_and_world()

@@ -25,19 +25,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ldm.utils.launcher import gather_objects
+
 log = logging.getLogger(__name__)
-
-
-def _gather(obj) -> list:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        out: list = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _bytes(t: torch.Tensor) -> bytes:
@@ -86,7 +76,7 @@ class ExactResumeCallback(L.Callback):
             loader.mark_consumed(batch)
 
     def state_dict(self) -> dict:
-        return {"rng": {str(i): s for i, s in enumerate(_gather(rng_state()))}}
+        return {"rng": {str(i): s for i, s in enumerate(gather_objects(rng_state()))}}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._loaded = state_dict
