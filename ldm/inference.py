@@ -14,22 +14,43 @@ import torch
 from torch import Tensor, nn
 
 from ldm.conditioning import Conditioning, FrozenOpenCLIPTextEncoder
+from ldm.data.masks import inpainting_input
 from ldm.diffusion import GaussianDiffusion, InitImage, classifier_free_guidance
 from ldm.models import CrossAttentionUNet, KLAutoencoder
+from ldm.models.unet import default_micro_conditioning
 from ldm.utils.checkpoint import load_bundle, submodule_state
 
 Denoiser = Callable[[Tensor, Tensor, Conditioning], Tensor]
 
 
-def unet_denoiser(unet: CrossAttentionUNet) -> Denoiser:
-    """The one denoiser contract (DESIGN.md §1): (x_t, t, cond) → network output in the model's parameterization."""
+def unet_denoiser(
+    unet: CrossAttentionUNet, concat: Tensor | None = None, micro: Tensor | None = None
+) -> Denoiser:
+    """The one denoiser contract (DESIGN.md §1): (x_t, t, cond) → network output in the model's parameterization.
+
+    concat: (B, K, h, w) extra input channels given to the network with x_t (an inpainting model's mask and
+    masked latents); a batch that is a multiple of B (classifier-free guidance's [uncond; cond]) gets them repeated.
+    micro: (B, 6) SDXL size and crop conditioning (`ldm.models.unet.micro_conditioning`) for a UNet built with
+    `micro_conditioning`, repeated alike.
+    """
 
     def denoise(x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        if concat is not None:
+            extra = concat.to(x.dtype)
+            x = torch.cat([x, extra.repeat(x.shape[0] // extra.shape[0], 1, 1, 1)], dim=1)
+        extra_inputs = {}
+        if micro is not None:
+            extra_inputs["micro"] = micro.repeat(x.shape[0] // micro.shape[0], 1)
         return unet(
-            x, t, cond.tokens, pooled=cond.pooled
+            x, t, cond.tokens, pooled=cond.pooled, **extra_inputs
         )  # pooled is used only by UNets built with pooled_dim
 
     return denoise
+
+
+def is_inpainting_unet(unet: CrossAttentionUNet) -> bool:
+    """An inpainting UNet takes [x_t, mask, masked latents]: 2 C + 1 input channels for C output channels."""
+    return unet.in_channels == 2 * unet.out_channels + 1
 
 
 class LatentCodec(nn.Module):
@@ -89,11 +110,13 @@ class TextToImage:
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.codec.autoencoder.downsample_factor
-        if height % f or width % f:
+        multiple = f * self.unet.downsample_factor  # any size whose latent passes the UNet's downsamplings
+        if height % multiple or width % multiple:
             raise ValueError(
-                f"height and width must be multiples of the autoencoder's factor {f}, got {height}x{width}"
+                f"height and width must be multiples of {multiple} (autoencoder factor {f} × UNet "
+                f"downsampling {self.unet.downsample_factor}), got {height}x{width}"
             )
-        return (self.unet.in_channels, height // f, width // f)
+        return (self.unet.out_channels, height // f, width // f)
 
     @torch.no_grad()
     def __call__(
@@ -116,6 +139,9 @@ class TextToImage:
         txt2img without ``init_image``. img2img: ``init_image`` (B or 1, 3, H, W) in [0, 1] and ``strength``.
         Inpainting (any model): also ``mask`` (B or 1, 1, H, W), 1 = repaint, 0 = keep; a latent cell is repainted
         when any of its pixels is, and with ``keep_unmasked_pixels`` the kept pixels are pasted back exactly.
+        An inpainting-specialised UNet (`is_inpainting_unet`) is given the mask and the kept latents as input
+        instead of having the kept region replaced at each step; without an image it is told to generate
+        everything (txt2img).
         """
         if init_image is not None:
             height, width = init_image.shape[-2:]
@@ -129,8 +155,12 @@ class TextToImage:
         )
         cond = self.text_encoder(list(prompts))
         uncond = self.text_encoder.null(len(prompts)) if guidance_scale != 1.0 else None
+        init = self._init(init_image, strength, mask, len(prompts))
+        concat = None
+        if is_inpainting_unet(self.unet):
+            concat, init = self._inpainting_input(init, len(prompts), shape)
         model_fn = classifier_free_guidance(
-            unet_denoiser(self.unet),
+            unet_denoiser(self.unet, concat, self._micro(len(prompts), height, width)),
             cond,
             uncond,
             guidance_scale,
@@ -138,7 +168,6 @@ class TextToImage:
             rescale=guidance_rescale,
         )
         generator = torch.Generator(self.device).manual_seed(int(seeds[0]))
-        init = self._init(init_image, strength, mask, len(prompts))
         z = sampler(
             model_fn, self.diffusion, noise.to(self.device), generator=generator, progress=progress, init=init
         )
@@ -146,6 +175,12 @@ class TextToImage:
         if mask is not None and keep_unmasked_pixels:
             images = torch.lerp(init_image.to(images), images, mask.to(images))
         return images
+
+    def _micro(self, batch: int, height: int, width: int) -> Tensor | None:
+        """A micro-conditioned UNet samples as if for an uncropped image of the requested size (SDXL's default)."""
+        if not getattr(self.unet, "micro_conditioning", False):
+            return None
+        return default_micro_conditioning(batch, height, width, self.device)
 
     def _init(
         self, image: Tensor | None, strength: float, mask: Tensor | None, batch: int
@@ -166,6 +201,19 @@ class TextToImage:
             f = self.codec.autoencoder.downsample_factor
             latent_mask = torch.nn.functional.max_pool2d(mask.to(self.device, torch.float32), f)
         return InitImage(latents, strength=strength, mask=latent_mask)
+
+    def _inpainting_input(
+        self, init: InitImage | None, batch: int, shape: tuple[int, int, int]
+    ) -> tuple[Tensor, InitImage | None]:
+        """An inpainting UNet's extra channels, and the sampler's start without the per-step replacement."""
+        latents = torch.zeros(batch, *shape, device=self.device)
+        mask = torch.ones(batch, 1, *shape[1:], device=self.device)
+        if init is not None:
+            latents = init.latents
+            if init.mask is not None:
+                mask = init.mask.expand(batch, 1, -1, -1)
+            init = InitImage(init.latents, strength=init.strength) if init.strength < 1.0 else None
+        return inpainting_input(latents, mask), init
 
     @classmethod
     def from_checkpoint(

@@ -78,6 +78,7 @@ class Job:
     strength: float = 1.0
     seed: int = 0
     settings: dict = field(default_factory=dict)  # what goes into every PNG's metadata to reproduce it
+    size: tuple[int, int] | None = None  # txt2img: (height, width), any multiple of the latent grid
 
 
 def prepare_job(
@@ -102,7 +103,7 @@ def prepare_job(
     strength = DEFAULT_STRENGTH[mode] if strength is None else float(strength)
     settings = {"mode": mode, "strength": strength}
     if mode == "txt2img":
-        return Job(list(prompts), mode, seed=seed, settings=settings)
+        return Job(list(prompts), mode, seed=seed, settings=settings, size=size)
     if mode == "variations":
         if not variations_of:
             raise ValueError("mode=variations needs variations_of=<a PNG written by sample.py>")
@@ -234,11 +235,14 @@ def generate(
     guidance_scale: float,
     guidance_rescale: float,
 ) -> Tensor:
+    height, width = job.size if job.image is None and job.size else (None, None)
     return pipe(
         prompts,
         sampler,
         guidance_scale,
         seeds,
+        height=height,
+        width=width,
         guidance_rescale=guidance_rescale,
         init_image=job.image,
         strength=job.strength,

@@ -110,3 +110,19 @@ def test_stage1_without_lpips_weights_fails_naming_the_file(monkeypatch, tmp_pat
         instantiate(cfg.stage)
     assert isinstance(err.value.__cause__, MissingWeightsError)
     assert "stage.loss.lpips.vgg_weights=" in str(err.value)
+
+
+def test_precision_resolver(monkeypatch):
+    """`${ldm_precision:}`: fp32 on a CPU; `${ldm_precision:bf16-mixed}` (the quickstart's stage 1): bf16 on a
+    CPU with native bf16, fp32 on one without (emulated bf16 would be slower)."""
+    import ldm.utils.hydra_build as hb
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for native in (True, False):
+        monkeypatch.setattr(hb, "cpu_has_bf16", lambda native=native: native)
+        assert compose_train("experiment=tiny").trainer.precision == "32-true"
+        expected = "bf16-mixed" if native else "32-true"
+        assert compose_train("experiment=vae_tiny").trainer.precision == expected
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert compose_train("experiment=tiny").trainer.precision == "bf16-mixed"

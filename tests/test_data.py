@@ -342,7 +342,13 @@ def _damaged_shards(tmp_path: Path) -> tuple[list[str], set[str], dict[str, int]
         last_image = next(info for info in tar if info.name == "bad000004.jpg")
     data = Path(second).read_bytes()
     Path(second).write_bytes(data[: last_image.offset_data + last_image.size // 2])
-    expected = {"decode_error": 1, "missing_image": 1, "bad_caption": 1, "tar_error": 1, "other": 0}
+    expected = {
+        **dict.fromkeys(SKIP_REASONS, 0),  # the filter reasons too, at 0
+        "decode_error": 1,
+        "missing_image": 1,
+        "bad_caption": 1,
+        "tar_error": 1,
+    }
     return [first, second], good, expected
 
 

@@ -237,6 +237,38 @@ def test_dpmpp_2m_karras_at_20_steps_beats_ddim_at_50():
     assert dpm < error(DDIMSampler(50)) and dpm < error(DDIMSampler(20)) / 3
 
 
+def test_sigma_max_cap_on_the_cosine_schedule():
+    """The clipped cosine schedule's sigma_{T-1} is ~4000: Heun's first step from there, and Karras sigmas
+    spread up to there, miss the exact ODE solution; starting at the largest training sigma <= 80 fixes both."""
+    diffusion = GaussianDiffusion(schedule="cosine", prediction="v")
+    sigmas = np.array(discrete_sigmas(diffusion))  # checked against the closed form in test_diffusion
+    assert sigmas[-1] > 1000
+    top = int(np.nonzero(sigmas <= 80)[0].max())
+    assert sigmas[top] <= 80 < sigmas[top + 1]
+    heun = HeunSampler(10, sigma_max=80.0)
+    assert heun.timesteps(diffusion) == [top] + HeunSampler(10).timesteps(diffusion)[1:]
+    karras = DPMSolverPP2MSampler(10, karras=True, sigma_max=80.0).timesteps(diffusion)
+    assert karras[0] == top and karras[-1] == 0 and karras == sorted(set(karras), reverse=True)
+    assert EulerSampler(10, sigma_max=1e9).timesteps(diffusion) == EulerSampler(10).timesteps(diffusion)
+
+    model = mixture_model(diffusion)
+    x_T = torch.linspace(-2.5, 2.5, 21, dtype=torch.float64).reshape(21, 1)
+    ref = DDIMSampler(1000)(model, diffusion, x_T)
+
+    def error(sampler):
+        return (sampler(model, diffusion, x_T) - ref).abs().max().item()
+
+    capped = [error(HeunSampler(n, sigma_max=80.0)) for n in (10, 20, 40)]
+    assert all(b < a for a, b in zip(capped, capped[1:], strict=False)), capped
+    assert capped[1] < error(HeunSampler(20)) / 10
+    assert (
+        error(DPMSolverPP2MSampler(20, karras=True, sigma_max=80.0))
+        < error(DPMSolverPP2MSampler(20, karras=True)) / 3
+    )
+    with pytest.raises(ValueError, match="sigma_max"):
+        HeunSampler(10, sigma_max=0.0)
+
+
 def test_k_samplers_match_diffusers():
     """The same discrete sigmas through diffusers' Euler / Heun / DPMSolverMultistep schedulers (float32 there)."""
     diffusers = pytest.importorskip("diffusers")

@@ -357,3 +357,86 @@ def test_img2img_inpaint_outpaint(ldm_run, tmp_path):
         prepare_job(pipe, prompts, mode="outpaint", init_image=str(source), outpaint={"left": 4})
     with pytest.raises(ValueError, match="mask needs an init_image"):
         pipe(prompts, sampler, mask=torch.ones(1, 1, 32, 32))
+
+
+@pytest.fixture(scope="module")
+def inpaint_run(vae_run, shards, tmp_path_factory):
+    from ldm.training.run import train
+
+    cfg = compose_train(
+        "experiment=inpaint_tiny",
+        f"data.train_urls={shards[0]}",
+        f"autoencoder_ckpt={vae_run[0]['checkpoint']}",
+        "trainer.max_steps=3",
+        "sampler.num_steps=3",
+        "callbacks.sample_grid.every_n_steps=3",  # txt2img with an inpainting UNet: everything masked
+        *FAST,
+        run_dir=str(tmp_path_factory.mktemp("inpaint")),
+    )
+    return train(cfg), cfg
+
+
+def test_inpainting_unet_trains_and_samples(inpaint_run, tmp_path):
+    """experiment=inpaint_tiny: a 2 C + 1 input UNet, rebuilt from its checkpoint; inpaint and outpaint feed it
+    the mask and kept latents (no per-step replacement), and the kept pixels come back exactly."""
+    from ldm.diffusion import DDIMSampler
+    from ldm.inference import is_inpainting_unet
+    from ldm.sampling import prepare_job, write_samples
+
+    result, _ = inpaint_run
+    assert result["global_step"] == 3
+    pipe, bundle = TextToImage.from_checkpoint(result["checkpoint"])
+    assert is_inpainting_unet(pipe.unet) and pipe.unet.in_channels == 9 and pipe.unet.out_channels == 4
+    assert bundle["config"]["stage"]["inpainting_masks"]["border"] == 0.2
+
+    rng = np.random.default_rng(1)
+    source = tmp_path / "source.png"
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(source)
+    original = _pixels(source)
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[:, 16:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    prompts = ["a red circle on a blue background"]
+
+    def run(name, **kwargs):
+        job = prepare_job(pipe, prompts, init_image=str(source), **kwargs)
+        write_samples(pipe, job, DDIMSampler(3), tmp_path / name, num_per_prompt=2, guidance_scale=2.0)
+        return [_pixels(p) for p in sorted((tmp_path / name / "images").glob("*.png"))]
+
+    inpainted = run("inpaint", mode="inpaint", mask=str(tmp_path / "mask.png"))
+    for image in inpainted:
+        np.testing.assert_array_equal(image[:, :16], original[:, :16])
+        assert np.abs(image[:, 16:] - original[:, 16:]).mean() > 10
+    outpainted = run("outpaint", mode="outpaint", outpaint={"right": 16})
+    assert outpainted[0].shape == (32, 48, 3)
+    np.testing.assert_array_equal(outpainted[0][:, :32], original)
+    txt2img = pipe(prompts, DDIMSampler(3), guidance_scale=2.0, seeds=[0])
+    assert txt2img.shape == (1, 3, 32, 32) and torch.isfinite(txt2img).all()
+
+
+def test_inpainting_unet_starts_from_a_text_to_image_checkpoint(ldm_run, vae_run, shards):
+    """init_from a plain stage-2 checkpoint into an inpainting UNet: the input convolution gains zero weights for
+    the mask and masked latents, so the new network computes exactly what the old one did, whatever they hold."""
+    from ldm.training.run import _adopt_autoencoder_config, _init_checkpoint, _load_init_weights, build_module
+
+    ckpt = ldm_run[0]["checkpoint"]
+    cfg = compose_train(
+        "experiment=inpaint_tiny",
+        f"data.train_urls={shards[0]}",
+        f"autoencoder_ckpt={vae_run[0]['checkpoint']}",
+        f"init_from={ckpt}",
+        *FAST,
+    )
+    init = _init_checkpoint(cfg)
+    _adopt_autoencoder_config(cfg)
+    module = build_module(cfg)
+    _load_init_weights(module, init, ckpt)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 700])
+    extra = torch.randn(2, 5, 8, 8)
+    for unet, use_ema in ((module.ema.module, True), (module.unet, False)):
+        plain, _ = TextToImage.from_checkpoint(ckpt, use_ema=use_ema)
+        context = plain.text_encoder(["a red circle", "a blue star"]).tokens
+        assert unet.in_channels == 9 and plain.unet.in_channels == 4
+        torch.testing.assert_close(unet(torch.cat([x, extra], 1), t, context), plain.unet(x, t, context))
+    weight = module.unet.input_blocks[0][0].weight
+    assert (weight[:, 4:] == 0).all() and (weight[:, :4] != 0).any()

@@ -6,10 +6,13 @@ checkpoint, and a resumed run continues with exactly the samples that would have
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from ldm.data.filters import SampleFilter
 from ldm.data.latents import latent_pipeline, read_cache_info
 from ldm.data.stream import ResumableLoader, ShardStream
 from ldm.data.webdataset import image_text_pipeline
@@ -68,7 +71,15 @@ class _ShardDataModule(L.LightningDataModule):
 
 class ImageTextDataModule(_ShardDataModule):
     """Train (random crops, endless resampled shards by default) and optional val (centre crops, one pass
-    over the shards in order) loaders of images in [-1, 1] and captions."""
+    over the shards in order) loaders of images in [-1, 1] and captions.
+
+    filters: a `SampleFilter`, or a mapping of its arguments (a config node), applied to train and val
+        samples before decoding; None keeps every sample that decodes.
+    shard_retries, retry_backoff: how often, and after how long (seconds, doubling), a remote shard whose
+        reading fails is read again.
+    buckets: aspect-ratio buckets for training ({step, max_ratio, base}, `ldm.data.buckets`); None: square
+        crops. Validation stays square (centre crops of `resolution`).
+    """
 
     provides = "images"
 
@@ -80,10 +91,17 @@ class ImageTextDataModule(_ShardDataModule):
         val_urls: str | list[str] | None = None,
         crop: str = "random",
         hflip_prob: float = 0.0,
+        filters: SampleFilter | Mapping | None = None,
+        shard_retries: int = 3,
+        retry_backoff: float = 0.25,
+        buckets: Mapping | None = None,
         **loader_settings,
     ):
         super().__init__(train_urls, batch_size, val_urls, **loader_settings)
         self.resolution, self.crop, self.hflip_prob = resolution, crop, hflip_prob
+        self.filters = SampleFilter.build(filters)
+        self.remote = {"shard_retries": shard_retries, "retry_backoff": retry_backoff}
+        self.buckets = dict(buckets) if buckets is not None else None  # training only: val stays square
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(
@@ -97,6 +115,9 @@ class ImageTextDataModule(_ShardDataModule):
                 seed=self.seed,
                 hflip_prob=self.hflip_prob,
                 round_shards=self.round_shards,
+                filters=self.filters,
+                **self.remote,
+                buckets=self.buckets,
             ),
             resumable=True,
         )
@@ -114,6 +135,8 @@ class ImageTextDataModule(_ShardDataModule):
                 resampled=False,
                 seed=self.seed,
                 partial_batches=True,
+                filters=self.filters,
+                **self.remote,
             )
         )
 

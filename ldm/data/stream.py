@@ -5,9 +5,11 @@ function of (seed, rank, worker, epoch, round, sample index) and nothing else, s
 stream is a pure function of where it stands. Its position is two numbers: the round (a group of shards read
 together; an epoch's share of the shards when not resampled) and how many raw samples of that round it has
 passed on. A resumed worker re-reads the tar bytes up to that point, through the shuffle buffer, without
-decoding them, and goes on from there.
+decoding them, and goes on from there. With aspect-ratio buckets (`ldm.data.buckets`) a batch is the first of
+several per-size queues to fill, so the position also lists the samples still waiting in the other queues;
+a resumed worker decodes those again while re-reading and puts them back.
 
-    per worker:  round r: shards(r) → tar samples → shuffle buffer(r) → [skip `position`] → decode(index) → batch
+    per worker:  round r: shards(r) → tar samples → shuffle buffer(r) → [skip `position`] → decode(index) → queue per size → batch
 
 `ResumableLoader.state_dict()` holds, for every rank, the epoch, the position of each worker after the last
 batch the training step consumed (not the last one prefetched), and which worker's batch comes next; every
@@ -20,6 +22,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import chain
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -57,12 +60,15 @@ class ShardStream(IterableDataset):
         partial_batches: bool = False,
         round_shards: int = 8,
         log_every: int = 1000,
+        shard_retries: int = 3,
+        retry_backoff: float = 0.25,
     ):
         super().__init__()
         self.urls = expand_urls(urls)
         self.decode, self.batch_size = decode, batch_size
         self.resampled, self.shuffle_buffer, self.seed = resampled, shuffle_buffer, seed
         self.split_by_node, self.partial_batches, self.log_every = split_by_node, partial_batches, log_every
+        self.shard_retries, self.retry_backoff = shard_retries, retry_backoff  # remote shards (TarSamples)
         self.round_shards = max(1, round_shards)
         # set by ResumableLoader in the main process before each iteration (the workers get copies)
         self.rank: int | None = None
@@ -70,10 +76,20 @@ class ShardStream(IterableDataset):
         self.epoch = 0
         self.worker_offset = 0  # physical worker w plays logical worker (w + offset) % num_workers
         self.start: dict[int, tuple[int, int]] = {}  # logical worker → (round, position) to resume from
+        self.pending: dict[int, list[tuple[int, int]]] = {}  # logical worker → samples waiting in buckets
         self._iterations = 0  # iterations of this copy since `epoch` was set (persistent workers count on)
 
-    def set_epoch(self, epoch: int, start: dict[int, tuple[int, int]] | None = None, worker_offset: int = 0):
+    def set_epoch(
+        self,
+        epoch: int,
+        start: dict[int, tuple[int, int]] | None = None,
+        worker_offset: int = 0,
+        pending: dict[int, list[tuple[int, int]]] | None = None,
+    ):
+        """start: logical worker → (round, position); pending: logical worker → the (round, index) of the
+        samples that waited in its bucket queues at that position (`ldm.data.buckets`)."""
         self.epoch, self.start, self.worker_offset = epoch, dict(start or {}), worker_offset
+        self.pending = {w: [tuple(p) for p in items] for w, items in (pending or {}).items()}
         self._iterations = 0
 
     # --- what each worker reads --------------------------------------------------------------------------
@@ -89,7 +105,8 @@ class ShardStream(IterableDataset):
         return urls[worker::num_workers]
 
     def _raw(self, shards: list[str], counter: SkipCounter, tag: str) -> Iterator[dict]:
-        samples: Iterable[dict] = TarSamples(counter)({"url": u} for u in shards)
+        read = TarSamples(counter, self.shard_retries, self.retry_backoff)
+        samples: Iterable[dict] = read({"url": u} for u in shards)
         if self.shuffle_buffer > 1:
             samples = _shuffled(samples, self.shuffle_buffer, random.Random(f"{tag}/shuffle"))
         return iter(samples)
@@ -100,56 +117,115 @@ class ShardStream(IterableDataset):
         rank, world = (self.rank, self.world) if self.rank is not None else rank_and_world()
         if not self.split_by_node:
             rank, world = 0, 1
-        epoch, start, offset = self.epoch + self._iterations, self.start, self.worker_offset
+        epoch, start, offset, pending = (
+            self.epoch + self._iterations,
+            self.start,
+            self.worker_offset,
+            self.pending,
+        )
         if self._iterations > 0:  # a persistent worker's later epoch: from its beginning
-            start, offset = {}, 0
+            start, offset, pending = {}, 0, {}
         self._iterations += 1
         worker = (wid + offset) % num_workers
         start_round, start_pos = start.get(worker, (0, 0))
         counter = SkipCounter(log_every=self.log_every)
         rounds = _count(start_round) if self.resampled else [start_round]
-        samples = self._samples(rank, world, worker, num_workers, epoch, rounds, start_pos, counter)
-        yield from self._batches(samples, counter, epoch, worker)
+        waiting = pending.get(worker, [])
+        samples = self._samples(rank, world, worker, num_workers, epoch, rounds, start_pos, counter, waiting)
+        yield from self._batches(samples, counter, epoch, worker, (start_round, start_pos))
 
-    def _samples(self, rank, world, worker, num_workers, epoch, rounds, start_pos, counter) -> Iterator:
-        """(round, index, decoded sample) after `start_pos` raw samples of the first round."""
-        for i, rnd in enumerate(rounds):
-            tag = f"{self.seed}/rank{rank}/worker{worker}/epoch{epoch}/round{rnd}"
-            shards = self.shards(rank, world, worker, num_workers, epoch, rnd)
-            skip = start_pos if i == 0 else 0
-            for index, raw in enumerate(self._raw(shards, counter, tag)):
-                if index < skip:
-                    continue  # read again, not decoded: the part of the round consumed before the resume
-                if index == skip and skip:
+    def _samples(
+        self, rank, world, worker, num_workers, epoch, rounds, start_pos, counter, pending=()
+    ) -> Iterator:
+        """(round, index, decoded sample) after `start_pos` raw samples of the first round, preceded by the
+        `pending` (round, index) samples, decoded again in read order: those that waited in bucket queues at the
+        saved position (a round before the first is re-read up to its last pending sample)."""
+        waiting: dict[int, set[int]] = {}
+        for rnd, index in pending:
+            waiting.setdefault(rnd, set()).add(index)
+        rounds = iter(rounds)
+        first = next(rounds, None)
+        if first is None:
+            return
+        resuming = bool(start_pos or pending)
+
+        def tag_of(rnd: int) -> str:
+            return f"{self.seed}/rank{rank}/worker{worker}/epoch{epoch}/round{rnd}"
+
+        def raw_of(rnd: int) -> Iterator[dict]:
+            return self._raw(self.shards(rank, world, worker, num_workers, epoch, rnd), counter, tag_of(rnd))
+
+        for rnd in sorted(r for r in waiting if r < first):  # resampled streams carry queues across rounds
+            keep, stop = waiting[rnd], max(waiting[rnd]) + 1
+            for index, raw in enumerate(raw_of(rnd)):
+                if index >= stop:
+                    break
+                if index in keep and (decoded := self._decode(raw, tag_of(rnd), index, counter)) is not None:
+                    yield rnd, index, decoded
+        for i, rnd in enumerate(chain([first], rounds)):
+            skip, keep = (start_pos, waiting.get(rnd, ())) if i == 0 else (0, ())
+            for index, raw in enumerate(raw_of(rnd)):
+                if index < skip:  # read again, not decoded: the part of the round consumed before the resume,
+                    # but for the samples then waiting in bucket queues
+                    if (
+                        index in keep
+                        and (decoded := self._decode(raw, tag_of(rnd), index, counter)) is not None
+                    ):
+                        yield rnd, index, decoded
+                    continue
+                if resuming:
                     counter.take()  # skips met while re-reading were reported before the resume
-                rng = random.Random(f"{tag}/sample{index}")
-                try:
-                    decoded = self.decode(raw, rng)
-                except SampleError as exn:
-                    counter.skip(exn.reason, exn, f"{raw.get('__url__')}:{raw.get('__key__')}")
-                    continue
-                except Exception as exn:
-                    counter.skip("other", exn, f"{raw.get('__url__')}:{raw.get('__key__')}")
-                    continue
-                yield rnd, index, decoded
+                    resuming = False
+                if (decoded := self._decode(raw, tag_of(rnd), index, counter)) is not None:
+                    yield rnd, index, decoded
 
-    def _batches(self, samples: Iterator, counter: SkipCounter, epoch: int, worker: int) -> Iterator[dict]:
+    def _decode(self, raw: dict, tag: str, index: int, counter: SkipCounter) -> dict | None:
+        """The sample decoded with its own generator, or None (counted) when it cannot be used."""
+        rng = random.Random(f"{tag}/sample{index}")
+        try:
+            return self.decode(raw, rng)
+        except SampleError as exn:
+            counter.skip(exn.reason, exn, f"{raw.get('__url__')}:{raw.get('__key__')}")
+        except Exception as exn:
+            counter.skip("other", exn, f"{raw.get('__url__')}:{raw.get('__key__')}")
+        return None
+
+    def _batches(
+        self, samples: Iterator, counter: SkipCounter, epoch: int, worker: int, head: tuple[int, int]
+    ) -> Iterator[dict]:
+        """Batches of one shape each (one aspect-ratio bucket; a single queue without buckets). A batch carries
+        the read head (round, position) after its last sample and, in `stream_pending` (K, 2), the (round, index)
+        of the samples then waiting in the other queues, oldest first: what a resumed worker needs."""
         collate = Batch(self.batch_size, counter).collate
-        batch: list = []
+        queues: dict[tuple, list] = {}
+        full: tuple | None = None
 
-        def emit(items: list) -> dict:
+        def emit(items: list, position: tuple[int, int], pending: list) -> dict:
             out = collate([s for _, _, s in items])
-            rnd, index, _ = items[-1]
-            out["stream"] = torch.tensor([epoch, worker, rnd, index + 1], dtype=torch.long)
+            out["stream"] = torch.tensor([epoch, worker, *position], dtype=torch.long)
+            if pending:
+                out["stream_pending"] = torch.tensor(pending, dtype=torch.long)
             return out
 
+        def waiting() -> list[tuple[int, int]]:
+            return sorted((rnd, index) for queue in queues.values() for rnd, index, _ in queue)
+
         for item in samples:
-            if len(batch) == self.batch_size:  # collated when the next sample arrives: its skips come first
-                yield emit(batch)
-                batch = []
-            batch.append(item)
-        if batch and (len(batch) == self.batch_size or self.partial_batches):
-            yield emit(batch)
+            if full is not None:  # collated when the next sample arrives: its skips come first
+                yield emit(*full)
+                full = None
+            rnd, index, sample = item
+            head = max(head, (rnd, index + 1))  # samples replayed into the queues lie behind the head
+            key = Batch.shape_key(sample)
+            queues.setdefault(key, []).append(item)
+            if len(queues[key]) == self.batch_size:
+                full = (queues.pop(key), head, waiting())
+        if full is not None:
+            yield emit(*full)
+        if self.partial_batches:
+            for queue in sorted(queues.values(), key=lambda q: q[0][:2]):  # oldest first
+                del queues[Batch.shape_key(queue[0][2])]
+                yield emit(queue, head, waiting())
 
 
 def _count(start: int) -> Iterator[int]:
@@ -188,6 +264,7 @@ class ResumableLoader(DataLoader):
         self._next_epoch = 0
         self._epoch = 0
         self._positions: dict[int, tuple[int, int]] = {}
+        self._pending: dict[int, list[tuple[int, int]]] = {}  # per worker: samples waiting in bucket queues
         self._next_worker = 0
         self._resume: dict | None = None
         self.wait_seconds = 0.0  # time spent waiting for batches (the throughput callback reads it)
@@ -200,17 +277,18 @@ class ResumableLoader(DataLoader):
         stream: ShardStream = self.dataset
         stream.rank, stream.world = rank_and_world()
         if self._resume is not None:
-            epoch, start, offset = (
+            epoch, start, offset, pending = (
                 self._resume["epoch"],
                 self._resume["positions"],
                 self._resume["next_worker"],
+                self._resume["pending"],
             )
             self._resume = None
         else:
-            epoch, start, offset = self._next_epoch, {}, 0
-        stream.set_epoch(epoch, start, offset)
+            epoch, start, offset, pending = self._next_epoch, {}, 0, {}
+        stream.set_epoch(epoch, start, offset, pending)
         self._epoch, self._next_epoch = epoch, epoch + 1
-        self._positions, self._next_worker = dict(start), offset
+        self._positions, self._pending, self._next_worker = dict(start), dict(pending), offset
         return _timed(super().__iter__(), self)
 
     def mark_consumed(self, batch: dict) -> None:
@@ -218,6 +296,8 @@ class ResumableLoader(DataLoader):
             return
         epoch, worker, rnd, position = (int(v) for v in batch["stream"].tolist())
         self._positions[worker] = (rnd, position)
+        pending = batch.get("stream_pending")
+        self._pending[worker] = [tuple(p) for p in pending.tolist()] if pending is not None else []
         self._next_worker = (worker + 1) % self._workers
 
     def local_state(self) -> dict:
@@ -227,6 +307,7 @@ class ResumableLoader(DataLoader):
             "epoch": self._epoch,
             "num_workers": self._workers,
             "positions": {w: list(p) for w, p in self._positions.items()},
+            "pending": {w: [list(p) for p in items] for w, items in self._pending.items() if items},
             "next_worker": self._next_worker,
             "resampled": stream.resampled,
             "seed": stream.seed,
@@ -253,6 +334,9 @@ class ResumableLoader(DataLoader):
                 "epoch": mine["epoch"],
                 "positions": {int(w): tuple(p) for w, p in mine["positions"].items()},
                 "next_worker": mine["next_worker"],
+                "pending": {
+                    int(w): [tuple(p) for p in items] for w, items in mine.get("pending", {}).items()
+                },
             }
             self._next_epoch = mine["epoch"]
             log.info("data stream resumes at epoch %d, positions %s", mine["epoch"], mine["positions"])

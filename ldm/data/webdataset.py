@@ -12,8 +12,10 @@ import logging
 import os
 import random
 import re
+import shlex
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +25,19 @@ import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 from webdataset.utils import pytorch_worker_info
 
+from ldm.data.filters import FILTER_REASONS, SampleFilter
 from ldm.data.transforms import ImageTransform, SampleError, decode_caption, decode_image
 
 logger = logging.getLogger(__name__)
 
-SKIP_REASONS: tuple[str, ...] = ("tar_error", "missing_image", "decode_error", "bad_caption", "other")
+SKIP_REASONS: tuple[str, ...] = (
+    "tar_error",
+    "missing_image",
+    "decode_error",
+    "bad_caption",
+    "other",
+    *FILTER_REASONS,  # samples a `SampleFilter` dropped (they are not damaged, but they are counted alike)
+)
 IMAGE_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 
 
@@ -101,10 +111,25 @@ def _stream_rng(seed: int, stage: str, epoch: int) -> random.Random:
 _META_FILE = re.compile(r"(^|/)__[^/]*__($|/)")
 
 
+class _StrictTarInfo(tarfile.TarInfo):
+    """A tar ends with a zero block. `tarfile` also ends quietly where the data stops at a header (or a header is
+    garbage): a stream cut on a 512-byte boundary would pass for a complete shard, its last sample perhaps
+    without its caption. Here that is an error, like a cut inside a member."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError) as exn:
+            raise tarfile.ReadError(f"unexpected end of data at offset {tar.offset} ({exn})") from None
+        except tarfile.InvalidHeaderError as exn:
+            raise tarfile.ReadError(f"invalid header at offset {tar.offset} ({exn})") from None
+
+
 def _tar_members_to_samples(stream, url: str) -> Iterator[dict]:
     """Group consecutive members with the same key; a sample is yielded only once complete."""
     current: dict | None = None
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+    with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
         for info in tar:
             if not info.isreg() or _META_FILE.search(info.name):
                 continue
@@ -128,47 +153,107 @@ def _close_quietly(stream) -> None:
         stream.close()
 
 
+def curl_command(url: str) -> str:
+    """The `pipe:` command that reads an http(s) URL: fails on HTTP errors and on a transfer cut short (a non-zero
+    exit, which `TarSamples` retries), follows redirects, and leaves the retrying to `TarSamples`."""
+    return f"pipe:curl -s -L --fail {shlex.quote(url)}"
+
+
+def is_remote(url: str) -> bool:
+    """Read through a command or over a network (errors may be transient), rather than from a local file."""
+    return url.startswith("pipe:") or ("://" in url and not url.startswith("file:"))
+
+
+def open_shard(url: str):
+    """A binary stream of a shard: a local path, a `pipe:` command, or an http(s) URL (read with curl)."""
+    if url.startswith(("http://", "https://")):
+        url = curl_command(url)
+    return wds.gopen(url, "rb")
+
+
+def _drain(stream, chunk: int = 1 << 16) -> None:
+    """Read what follows the tar's end-of-archive blocks, so that a pipe's command exits by itself (its status
+    then tells whether the transfer was complete) rather than by a broken pipe."""
+    while stream.read(chunk):
+        pass
+
+
 class TarSamples:
     """Shards (dicts with a `url`) → raw samples ({"__key__", "__url__", ext: bytes}).
 
-    Any error in opening or reading a shard (truncated or corrupt tar, failed `pipe:` command) ends that
-    shard: the partly read sample is dropped and the event is counted once as "tar_error". Unlike
+    An error in opening or reading a remote shard (`pipe:` or http(s) URL: a non-zero exit of the command, a
+    refused or cut connection, a truncated stream) is retried up to `retries` times, after `backoff` seconds,
+    doubling; a retry reads the shard again from its start and passes over the samples already yielded, so no
+    sample is seen twice. A local shard is read once: its damage is permanent. A shard that still fails ends
+    there: the partly read sample is dropped and the event is counted once as "tar_error". Unlike
     webdataset's `tarfile_to_samples`, a partial sample can never be merged with the next shard's first one.
     """
 
-    def __init__(self, counter: SkipCounter):
-        self.counter = counter
+    def __init__(self, counter: SkipCounter, retries: int = 3, backoff: float = 0.25):
+        self.counter, self.retries, self.backoff = counter, max(0, retries), backoff
 
     def __call__(self, shards: Iterable[dict]) -> Iterator[dict]:
         for shard in shards:
-            url = shard["url"]
+            yield from self.read(shard["url"])
+
+    def read(self, url: str) -> Iterator[dict]:
+        """The samples of one shard, each once, however many attempts reading it takes."""
+        yielded = 0  # complete samples of this shard passed on
+        attempts = 1 + (self.retries if is_remote(url) else 0)
+        error = ""
+        for attempt in range(attempts):
+            if attempt:
+                delay = self.backoff * 2 ** (attempt - 1)
+                logger.info(
+                    "shard %s: retry %d/%d in %.2f s after %s", url, attempt, attempts - 1, delay, error
+                )
+                time.sleep(delay)
             try:
-                stream = wds.gopen(url, "rb")
+                stream = open_shard(url)
             except Exception as exn:
-                self.counter.skip("tar_error", exn, url)
+                error = f"{type(exn).__name__}: {exn}"
                 continue
             try:
-                yield from _tar_members_to_samples(stream, url)
+                for index, sample in enumerate(_tar_members_to_samples(stream, url)):
+                    if index >= yielded:  # on a retry, the samples before were delivered by a failed attempt
+                        yielded += 1
+                        yield sample
+                _drain(stream)
                 stream.close()  # a `pipe:` command's exit status is checked here
+                return
             except GeneratorExit:
                 _close_quietly(stream)
                 raise
             except Exception as exn:
                 _close_quietly(stream)
-                self.counter.skip("tar_error", exn, url)
+                error = f"{type(exn).__name__}: {exn}"
+        self.counter.skip("tar_error", error + (f" ({attempts} attempts)" if attempts > 1 else ""), url)
 
 
 class ImageDecoder:
-    """A raw sample → {"image": (3, R, R) float in [-1, 1], "caption": str, "key": str}; raises SampleError."""
+    """A raw sample → {"image": (3, R, R) float in [-1, 1], "caption": str, "key": str}; raises SampleError.
 
-    def __init__(self, transform: ImageTransform, image_keys: Sequence[str] = IMAGE_KEYS):
+    With `filters`, a sample they reject raises SampleError(<its filter reason>) before its image is decoded.
+    """
+
+    def __init__(
+        self,
+        transform: ImageTransform,
+        image_keys: Sequence[str] = IMAGE_KEYS,
+        filters: SampleFilter | None = None,
+    ):
         self.transform, self.image_keys = transform, tuple(image_keys)
+        self.filters = filters if filters is not None and filters.active else None
 
     def __call__(self, sample: dict, rng: random.Random) -> dict:
         image_key = next((k for k in self.image_keys if k in sample), None)
         if image_key is None:
             raise SampleError("missing_image", f"no {'/'.join(self.image_keys)} member")
         caption = decode_caption(sample)
+        if self.filters is not None:
+            reason = self.filters.reason_to_drop(sample, caption, image_key)
+            if reason is not None:
+                raise SampleError(reason, "dropped by the sample filter")
         image = decode_image(sample[image_key], min_size=self.transform.resolution)
         try:
             tensor = self.transform(image, rng)
@@ -212,6 +297,10 @@ class Batch:
     A batch is collated only when the sample after it arrives (or the stream ends), so skips that happen at
     the end of a finite stream are still reported. With `partial=False` a final short batch is dropped,
     and with it the skips counted since the batch before.
+
+    Samples whose tensors differ in shape (aspect-ratio buckets, `ldm.data.buckets`) are never batched
+    together: each shape has its own queue and a batch is the first queue to fill; at the end, the partly
+    filled queues are short batches, oldest first. Samples of one shape are batched as they come.
     """
 
     def __init__(self, batch_size: int, counter: SkipCounter, partial: bool = False):
@@ -228,15 +317,27 @@ class Batch:
         batch["skipped"] = {reason: torch.tensor(n, dtype=torch.long) for reason, n in skipped.items()}
         return batch
 
+    @staticmethod
+    def shape_key(sample: dict) -> tuple:
+        """What the samples of one batch share: the name and shape of each tensor (one key per bucket)."""
+        return tuple((name, tuple(v.shape)) for name, v in sample.items() if isinstance(v, torch.Tensor))
+
     def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
-        batch: list[dict] = []
+        queues: dict[tuple, list[dict]] = {}  # per shape; a queue re-enters at its next sample: oldest first
+        full: list[dict] | None = None
         for sample in samples:
-            if len(batch) == self.batch_size:
-                yield self.collate(batch)
-                batch = []
-            batch.append(sample)
-        if batch and (len(batch) == self.batch_size or self.partial):
-            yield self.collate(batch)
+            if full is not None:
+                yield self.collate(full)
+                full = None
+            key = self.shape_key(sample)
+            queues.setdefault(key, []).append(sample)
+            if len(queues[key]) == self.batch_size:
+                full = queues.pop(key)
+        if full is not None:
+            yield self.collate(full)
+        if self.partial:
+            for queue in queues.values():
+                yield self.collate(queue)
 
 
 def image_text_pipeline(
@@ -254,23 +355,39 @@ def image_text_pipeline(
     hflip_prob: float = 0.0,
     round_shards: int = 8,
     log_every: int = 1000,
+    filters: SampleFilter | None = None,
+    shard_retries: int = 3,
+    retry_backoff: float = 0.25,
+    buckets: Mapping | None = None,
 ):
     """Batches of images and captions from WebDataset shards, for `DataLoader(pipeline, batch_size=None)`
     (a `ldm.data.stream.ShardStream`: resumable at the exact sample with `ResumableLoader`).
 
     urls: brace patterns ("/data/shards-{000000..000099}.tar"), `::`-separated lists, lists of either,
-        local paths or `pipe:` commands ("pipe:curl -s -L https://...").
+        local paths, `pipe:` commands ("pipe:aws s3 cp s3://bucket/shard.tar -") or http(s) URLs (read with
+        `curl -s -L --fail`).
     resampled: True → an endless stream of shards drawn with replacement, seeded per rank and worker, in
         rounds of `round_shards` shards; False → each shard once per epoch, split across ranks
         (`split_by_node`) and workers.
     shuffle_buffer: samples held for shuffling; 0 also keeps the shards in order (for validation).
+    filters: drop samples by their json metadata and caption before decoding (`ldm.data.filters`), each
+        counted under its own skip reason.
+    shard_retries, retry_backoff: a remote shard whose reading fails is read again (passing over the samples
+        already delivered) up to `shard_retries` times, after `retry_backoff` seconds, doubling.
+    buckets: None → square crops of `resolution`; a `ldm.data.buckets.BucketSpec` or its mapping ({step,
+        max_ratio, base}) → aspect-ratio buckets of about `resolution`² pixels, each batch from one bucket,
+        samples with `original_size` / `crop_coords` / `target_size` (SDXL micro-conditioning).
     """
+    from ldm.data.buckets import BucketDecoder, BucketTransform
     from ldm.data.stream import ShardStream  # the stream builds on this module's stages
 
     transform = ImageTransform(resolution, crop=crop, hflip_prob=hflip_prob)
+    if buckets is not None:
+        transform = BucketTransform.from_spec(buckets, resolution, crop=crop, hflip_prob=hflip_prob)
+    decode = ImageDecoder(transform, image_keys, filters)
     return ShardStream(
         urls,
-        ImageDecoder(transform, image_keys),
+        decode if buckets is None else BucketDecoder(decode),
         batch_size,
         resampled=resampled,
         shuffle_buffer=shuffle_buffer,
@@ -279,4 +396,6 @@ def image_text_pipeline(
         partial_batches=partial_batches,
         round_shards=round_shards,
         log_every=log_every,
+        shard_retries=shard_retries,
+        retry_backoff=retry_backoff,
     )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ldm.diffusion.schedules import make_betas, rescale_zero_terminal_snr
+from ldm.diffusion.schedules import make_betas, rescale_zero_terminal_snr, shift_schedule
 
 PREDICTIONS = ("eps", "v", "x0")
 
@@ -49,6 +49,8 @@ class GaussianDiffusion:
     - ``offset_noise``: training noise eps + offset * eps_c, eps_c ~ N(0, I) per sample and channel, constant
       over space (Guttenberg 2023), so the model can change an image's mean brightness.
     - ``min_snr_gamma``: weight the loss by min(SNR, gamma) in x0 terms (Hang et al. 2023, eq. 11-12).
+    - ``schedule_shift``: lower the log-SNR of every step by 2 log(shift), shift = resolution / the resolution the
+      schedule was made for (Hoogeboom et al. 2023; `schedules.shift_schedule`): for training at 512 or 1024 px.
 
     Schedule tensors are kept in float64 and cast to x's dtype and device where they are used, with a cached
     copy per device, so the methods work with inputs on any device without calling ``to``.
@@ -64,6 +66,7 @@ class GaussianDiffusion:
         zero_terminal_snr: bool = False,
         offset_noise: float = 0.0,
         min_snr_gamma: float | None = None,
+        schedule_shift: float = 1.0,
     ):
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
@@ -85,6 +88,8 @@ class GaussianDiffusion:
         betas = make_betas(schedule, num_timesteps, beta_start=beta_start, beta_end=beta_end)
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
+        self.schedule_shift = float(schedule_shift)
+        betas = shift_schedule(betas, self.schedule_shift)  # log SNR − 2 log(shift); 1 = unchanged
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         # float64 CPU masters; per-device copies are made once and cached (see _buffers).
         self._master = {
@@ -113,6 +118,8 @@ class GaussianDiffusion:
             "zero_terminal_snr": self.zero_terminal_snr,
             "offset_noise": self.offset_noise,
             "min_snr_gamma": self.min_snr_gamma,
+            # resolution / base resolution of a progressive-resolution run; recorded only when on
+            **({"schedule_shift": self.schedule_shift} if self.schedule_shift != 1.0 else {}),
         }
 
     def _buffers(self, device: torch.device) -> dict[str, Tensor]:

@@ -14,6 +14,12 @@ was trained on. Karras sigmas (ibid. eq. 5) are rounded to the nearest training 
 ``DiscreteSchedule`` with ``quantize=True``); repeats are dropped, so at many steps a Karras schedule may take a
 few steps fewer than asked. Under a zero-terminal-SNR schedule sigma_{T-1} is infinite; it is taken as
 1 / sqrt(2^-24) ~ 4096, as diffusers does.
+
+``sigma_max`` caps where sampling starts. The cosine schedule's clipped betas put sigma_{T-1} at ~4000 (SD's
+scaled-linear schedule: 14.6). From there a Heun step to the next grid point extrapolates a slope difference
+over a ~4000-wide interval, and Karras sigmas spend most of their steps above sigma = 100, where the sample is
+still pure noise; both then miss the target badly. Starting at the largest training sigma <= 80 (the EDM
+models' sigma_max) instead changes the start by a signal-to-noise ratio of at most 1/6400.
 """
 
 from __future__ import annotations
@@ -51,7 +57,8 @@ class SigmaSampler:
 
     ``timestep_spacing`` picks the training timesteps as ``sampling_timesteps`` does ("linspace", diffusers'
     default for these schedulers, walks from T - 1 down to 0); ``karras=True`` replaces them by Karras sigmas
-    between sigma_0 and sigma_{T-1}.
+    between sigma_0 and sigma_{T-1}. ``sigma_max`` (None: no cap) replaces the timesteps whose sigma exceeds it
+    by the largest training timestep whose sigma does not.
     """
 
     def __init__(
@@ -60,9 +67,12 @@ class SigmaSampler:
         karras: bool = False,
         timestep_spacing: str = "linspace",
         rho: float = 7.0,
+        sigma_max: float | None = None,
     ):
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if sigma_max is not None and sigma_max <= 0:
+            raise ValueError(f"sigma_max must be > 0, got {sigma_max}")
         if timestep_spacing not in SPACINGS:
             raise ValueError(f"unknown timestep spacing {timestep_spacing!r}; valid: {', '.join(SPACINGS)}")
         self.num_steps, self.karras, self.timestep_spacing, self.rho = (
@@ -71,18 +81,26 @@ class SigmaSampler:
             timestep_spacing,
             rho,
         )
+        self.sigma_max = sigma_max
 
     def __repr__(self) -> str:
+        cap = "" if self.sigma_max is None else f", sigma_max={self.sigma_max}"
         return (
             f"{type(self).__name__}(num_steps={self.num_steps}, karras={self.karras}, "
-            f"timestep_spacing={self.timestep_spacing!r})"
+            f"timestep_spacing={self.timestep_spacing!r}{cap})"
         )
 
     def timesteps(self, diffusion: GaussianDiffusion) -> list[int]:
         """Descending training timesteps whose sigmas are walked (then sigma = 0)."""
+        table = discrete_sigmas(diffusion)
+        top = len(table) - 1  # the largest timestep allowed to start from
+        if self.sigma_max is not None:
+            top = max([t for t, sigma in enumerate(table) if sigma <= self.sigma_max], default=0)
         if not self.karras:
-            return sampling_timesteps(diffusion.num_timesteps, self.num_steps, self.timestep_spacing)
-        log_sigmas = [math.log(s) for s in discrete_sigmas(diffusion)]
+            steps = sampling_timesteps(diffusion.num_timesteps, self.num_steps, self.timestep_spacing)
+            capped = [min(t, top) for t in steps]
+            return [t for i, t in enumerate(capped) if i == 0 or t != capped[i - 1]]
+        log_sigmas = [math.log(s) for s in table[: top + 1]]
         out: list[int] = []
         for sigma in karras_sigmas(
             math.exp(log_sigmas[0]), math.exp(log_sigmas[-1]), self.num_steps, self.rho
@@ -195,9 +213,16 @@ class DPMSolverPP2MSampler(SigmaSampler):
     """
 
     def __init__(
-        self, num_steps: int = 20, karras: bool = False, timestep_spacing: str = "trailing", rho: float = 7.0
+        self,
+        num_steps: int = 20,
+        karras: bool = False,
+        timestep_spacing: str = "trailing",
+        rho: float = 7.0,
+        sigma_max: float | None = None,
     ):
-        super().__init__(num_steps, karras=karras, timestep_spacing=timestep_spacing, rho=rho)
+        super().__init__(
+            num_steps, karras=karras, timestep_spacing=timestep_spacing, rho=rho, sigma_max=sigma_max
+        )
 
     def step(self, denoise, x, sigmas, i, generator, state):
         s, s_next = sigmas[i], sigmas[i + 1]

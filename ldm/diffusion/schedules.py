@@ -51,3 +51,28 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     ab = sqrt_ab**2
     alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
     return 1.0 - alphas
+
+
+def shift_schedule(betas: torch.Tensor, shift: float) -> torch.Tensor:
+    """Betas of the same schedule with its log-SNR lowered by 2 log(shift) at every step (more noise for shift > 1).
+
+    A higher resolution needs more noise for the same corruption: neighbouring pixels are more correlated, so at a
+    given SNR an image at d px has its low frequencies destroyed about as little as one at d/2 px at 4× the SNR.
+    Hoogeboom et al. 2023 ("simple diffusion", sec. 3.1) shift the schedule to
+
+        log SNR_d(t) = log SNR_base(t) + 2 log(base / d),     i.e. shift = d / base,
+
+    and SD3 (Esser et al. 2024, sec. 5.3.2) shifts timesteps by sqrt(m / n) for m / n times the pixels, which for
+    rectified flow is the same log-SNR shift. With SNR = alpha_bar / (1 - alpha_bar):
+
+        alpha_bar'_t = alpha_bar_t / (alpha_bar_t + shift² (1 - alpha_bar_t)),   beta'_t = 1 - alpha_bar'_t / alpha_bar'_{t-1}.
+
+    alpha_bar = 0 (zero terminal SNR) stays 0; shift = 1 returns the betas unchanged.
+    """
+    if shift <= 0:
+        raise ValueError(f"schedule shift must be > 0, got {shift}")
+    if shift == 1.0:
+        return betas
+    ab = torch.cumprod(1.0 - betas.to(torch.float64), dim=0)
+    shifted = ab / (ab + shift**2 * (1.0 - ab))
+    return 1.0 - torch.cat([shifted[:1], shifted[1:] / shifted[:-1]])

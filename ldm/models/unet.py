@@ -17,6 +17,24 @@ from ldm.models.attention import SpatialTransformer
 from ldm.models.layers import Downsample, ResnetBlock, Upsample, group_norm, timestep_embedding, zero_module
 
 _UNET_NORM_EPS = 1e-5  # openaimodel's GroupNorm32 uses PyTorch's default eps (the VAE uses 1e-6)
+MICRO_DIM = 256  # sinusoidal features per micro-conditioning scalar (SDXL's 256)
+MICRO_SIZES = 6  # original (h, w), crop (top, left), target (h, w), in pixels
+
+
+def micro_conditioning(
+    original_size: Tensor, crop_coords: Tensor, target_size: Tensor | None = None
+) -> Tensor:
+    """SDXL's size and crop conditioning (Podell et al. 2023, sec. 2.2) as the UNet's `micro` input (B, 6):
+    original (h, w), crop top-left (top, left), target (h, w), each (B, 2) in pixels; target defaults to the
+    original (no crop)."""
+    target_size = original_size if target_size is None else target_size
+    return torch.cat([original_size, crop_coords, target_size], dim=-1).float()
+
+
+def default_micro_conditioning(batch: int, height: int, width: int, device=None) -> Tensor:
+    """The conditioning to sample with: an uncropped image of its own size, original = target = (height, width)."""
+    size = torch.tensor([[height, width]], device=device).expand(batch, 2)
+    return micro_conditioning(size, torch.zeros_like(size))
 
 
 class EmbedSequential(nn.ModuleList):
@@ -66,6 +84,7 @@ class CrossAttentionUNet(nn.Module):
         num_groups: int = 32,
         gradient_checkpointing: bool = False,
         pooled_dim: int | None = None,
+        micro_conditioning: bool = False,
     ):
         super().__init__()
         if (head_dim is None) == (num_heads is None):
@@ -104,6 +123,12 @@ class CrossAttentionUNet(nn.Module):
             nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
         )
         self.pooled_proj = nn.Linear(pooled_dim, time_embed_dim) if pooled_dim else None
+        # zero-initialised: a UNet given micro-conditioning starts as the same function as one without, so a plain
+        # checkpoint (init_from) can be continued with it
+        self.micro_conditioning = micro_conditioning
+        self.micro_proj = (
+            zero_module(nn.Linear(MICRO_SIZES * MICRO_DIM, time_embed_dim)) if micro_conditioning else None
+        )
 
         self.input_blocks = nn.ModuleList(
             [EmbedSequential([nn.Conv2d(in_channels, model_channels, 3, padding=1)])]
@@ -154,10 +179,12 @@ class CrossAttentionUNet(nn.Module):
         context: Tensor,
         context_mask: Tensor | None = None,
         pooled: Tensor | None = None,
+        micro: Tensor | None = None,
     ) -> Tensor:
         """x: (B, C, H, W) latents, H and W divisible by `downsample_factor`; t: (B,) or scalar timesteps,
         float or integer (non-integer values are fine); context: (B, L, context_dim); context_mask: (B, L)
-        bool, True = attend; pooled: (B, pooled_dim), required iff the model was built with `pooled_dim`."""
+        bool, True = attend; pooled: (B, pooled_dim), required iff the model was built with `pooled_dim`;
+        micro: (B, 6) sizes in pixels (`micro_conditioning`), required iff built with `micro_conditioning`."""
         f = self.downsample_factor
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(f"latent size {tuple(x.shape[-2:])} must be divisible by {f}")
@@ -169,6 +196,11 @@ class CrossAttentionUNet(nn.Module):
             if pooled is None:
                 raise ValueError("this UNet was built with pooled_dim and needs `pooled`")
             emb = emb + self.pooled_proj(pooled)
+        if self.micro_proj is not None:
+            if micro is None:
+                raise ValueError("this UNet was built with micro_conditioning and needs `micro` (B, 6)")
+            features = timestep_embedding(micro.flatten(), MICRO_DIM)  # (B * 6, 256): each scalar apart
+            emb = emb + self.micro_proj(features.reshape(x.shape[0], -1).to(param_dtype))
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
         h = x

@@ -57,6 +57,15 @@ class SampleGridCallback(L.Callback):
         if self.at_train_end:
             self.make_grid(trainer, pl_module)
 
+    def caption(self, step: int) -> str:
+        """The W&B caption of a grid: when and how it was sampled, and its rows' prompts."""
+        sampler, steps = type(self.sampler).__name__, getattr(self.sampler, "num_steps", None)
+        how = f"{sampler}, {steps} steps" if steps else sampler
+        weights = "EMA" if self.use_ema else "raw"
+        return f"step {step}, {how}, guidance {self.guidance_scale}, {weights} weights: " + " | ".join(
+            self.prompts
+        )
+
     @rank_zero_only
     def make_grid(self, trainer, pl_module) -> Path | None:
         step = trainer.global_step
@@ -74,7 +83,7 @@ class SampleGridCallback(L.Callback):
             "seed": self.seed,
         }
         self.last_grid = save_png(grid, _out_dir(trainer, "samples") / f"step_{step:07d}.png", meta)
-        _log_image(trainer, "samples/grid", grid, f"step {step}, guidance {self.guidance_scale}")
+        _log_image(trainer, "samples/grid", grid, self.caption(step))
         return self.last_grid
 
 

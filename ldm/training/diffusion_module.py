@@ -11,10 +11,12 @@ import torch
 from torch import Tensor
 
 from ldm.conditioning import Conditioning, FrozenOpenCLIPTextEncoder
+from ldm.data.masks import InpaintMasks, inpainting_input
 from ldm.diffusion import GaussianDiffusion, drop_conditioning
-from ldm.inference import LatentCodec, TextToImage, unet_denoiser
+from ldm.inference import LatentCodec, TextToImage, is_inpainting_unet, unet_denoiser
 from ldm.latent_cache import LatentMoments
 from ldm.models import CrossAttentionUNet
+from ldm.models.unet import default_micro_conditioning, micro_conditioning
 from ldm.training.ema import EMA
 from ldm.training.module_base import LDMModuleBase
 from ldm.training.optim import AdamWSettings
@@ -34,6 +36,7 @@ class DiffusionModule(LDMModuleBase):
         ema_decay: float = 0.9999,
         ema_warmup: bool = True,
         sample_posterior: bool = True,
+        inpainting_masks: InpaintMasks | None = None,
         config: dict | None = None,
     ) -> None:
         super().__init__(optim=optim, config=config)
@@ -42,6 +45,12 @@ class DiffusionModule(LDMModuleBase):
         self.unet, self.diffusion, self.text_encoder, self.codec = unet, diffusion, text_encoder, codec
         self.text_encoder.requires_grad_(False)
         self.cond_drop_prob, self.sample_posterior = cond_drop_prob, sample_posterior
+        self.inpainting_masks = inpainting_masks
+        if (inpainting_masks is not None) != is_inpainting_unet(unet):
+            raise ValueError(
+                f"inpainting_masks={inpainting_masks!r} but the UNet has {unet.in_channels} input channels for "
+                f"{unet.out_channels} output channels (an inpainting UNet takes 2 C + 1: x_t, mask, masked latents)"
+            )
         self.ema = EMA(unet, decay=ema_decay, warmup=ema_warmup)
         self.denoise = unet_denoiser(self.unet)
 
@@ -84,11 +93,28 @@ class DiffusionModule(LDMModuleBase):
         cond = self._conditioning(batch)
         drop = drop_conditioning(len(cond), self.cond_drop_prob, device=z0.device)
         cond = cond.where(drop, self.text_encoder.null())
-        out = self.diffusion.loss(lambda x, t: self.denoise(x, t, cond), z0)
+        micro = self._micro_conditioning(batch, z0)
+        denoise = self.denoise if micro is None else unet_denoiser(self.unet, micro=micro)
+        if (
+            self.inpainting_masks is not None
+        ):  # the text is dropped as above; the mask and kept latents never are
+            mask = self.inpainting_masks(len(z0), *z0.shape[-2:], device=z0.device)
+            denoise = unet_denoiser(self.unet, inpainting_input(z0, mask.to(z0.dtype)), micro)
+        out = self.diffusion.loss(lambda x, t: denoise(x, t, cond), z0)
         self.log("train/loss", out.loss, prog_bar=True)
         self.log_per_timestep_loss(out.per_sample, out.t, self.diffusion.num_timesteps)
         self.log_data_stats(batch)
         return out.loss
+
+    def _micro_conditioning(self, batch: dict, z0: Tensor) -> Tensor | None:
+        """SDXL size/crop conditioning for a UNet built with it: the batch's (aspect-ratio buckets carry it),
+        else that of an uncropped image of the training size."""
+        if not self.unet.micro_conditioning:
+            return None
+        if "original_size" in batch:
+            return micro_conditioning(batch["original_size"], batch["crop_coords"], batch["target_size"])
+        f = self.codec.autoencoder.downsample_factor
+        return default_micro_conditioning(len(z0), z0.shape[-2] * f, z0.shape[-1] * f, z0.device)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ldm.data.latents import read_cache_info
 from ldm.inference import LatentCodec
 from ldm.training.checkpoint_io import AtomicCheckpointIO
+from ldm.training.fast_paths import FastPathsCallback
 from ldm.training.resume import ExactResumeCallback, PreemptionCallback
 from ldm.training.throughput import ThroughputCallback
 from ldm.utils.checkpoint import load_bundle, submodule_state
@@ -31,6 +32,7 @@ from ldm.utils.hydra_build import (
     import_target,
     to_plain,
 )
+from ldm.utils.speed import set_tf32
 
 log = logging.getLogger(__name__)
 # the frozen text encoder, autoencoder and EMA copy are in eval mode on purpose
@@ -47,21 +49,24 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
     check_config(cfg)
     stage = stage_of(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+; no effect on CPU
+    set_tf32(cfg.get("tf32", True))  # TF32 matmuls and convolutions on Ampere+; no effect on CPU
     run_dir = Path(cfg.run_dir)
 
+    init = _init_checkpoint(cfg)
     if stage == "diffusion":
         _adopt_autoencoder_config(cfg)
     else:
         _cache_info(cfg)  # refuses cached latents as stage-1 data
     trainer_overrides, plugins = _cluster(cfg)
     module = build_module(cfg)
-    if cfg.get("compile"):
-        module.trainable_module().compile()  # in place: state_dict keys stay those of the plain module
+    if init is not None:
+        _load_init_weights(module, init, cfg.init_from)
+    _check_bucket_sizes(cfg, module)
+    _compile(cfg, module)
     datamodule = instantiate(cfg.data)
     logger = [instantiate(cfg.logger, **_wandb_resume(cfg, run_dir))] if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    callbacks += [ExactResumeCallback(), ThroughputCallback(), preemption, *extra_callbacks]
+    callbacks += [ExactResumeCallback(), *_speed_callbacks(cfg), preemption, *extra_callbacks]
     if not module.automatic_optimization:  # the module clips each of its optimizers itself
         module.gradient_clip_val = cfg.trainer.get("gradient_clip_val")
         trainer_overrides["gradient_clip_val"] = None
@@ -99,6 +104,118 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
         "global_step": trainer.global_step,
         "preempted": preemption.preempted,
     }
+
+
+def _speed_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """Throughput panels (perf/*, MFU against `peak_tflops` or the device's known peak) and the switchable fast
+    paths `channels_last` and `sdpa_backend` (docs/benchmarks.md measures them)."""
+    return [
+        ThroughputCallback(peak_tflops=cfg.get("peak_tflops")),
+        FastPathsCallback(
+            channels_last=bool(cfg.get("channels_last", False)), sdpa=cfg.get("sdpa_backend", "auto")
+        ),
+    ]
+
+
+def _compile(cfg: DictConfig, module: L.LightningModule) -> None:
+    """`compile=true`: torch.compile the trained network and, in stage 2 on raw images, the frozen autoencoder's
+    encoder, which then runs every step. In place: state_dict keys stay those of the plain modules."""
+    if not cfg.get("compile"):
+        return
+    module.trainable_module().compile()
+    if stage_of(cfg) == "diffusion" and _cache_info(cfg) is None:
+        module.codec.autoencoder.encoder.compile()
+
+
+def _init_checkpoint(cfg: DictConfig) -> dict | None:
+    """`init_from=<checkpoint>` (progressive resolution: a 256-px run continued at 512): the checkpoint whose
+    weights the run starts from, unlike `ckpt_path` without its optimizer, step counter or data position. Its
+    stage must be this run's; a stage-2 run without `autoencoder_ckpt` takes the one the checkpoint used. None
+    when the run resumes (`ckpt_path`, or a preempted run's checkpoint): the resumed state has the weights."""
+    if not cfg.get("init_from"):
+        return None
+    bundle, ckpt = load_bundle(cfg.init_from)
+    if bundle.get("stage") != stage_of(cfg):
+        raise ValueError(
+            f"init_from={cfg.init_from} is a '{bundle.get('stage')}' checkpoint; this run is '{stage_of(cfg)}'"
+        )
+    if bundle["stage"] == "diffusion" and not cfg.get("autoencoder_ckpt"):
+        with open_dict(cfg):
+            cfg.autoencoder_ckpt = bundle["config"].get("autoencoder_ckpt")
+    if cfg.get("ckpt_path") or _hpc_checkpoint(Path(cfg.run_dir)):
+        return None
+    return ckpt
+
+
+def _load_init_weights(module: L.LightningModule, ckpt: dict, path: str) -> None:
+    """The trained weights of `ckpt`: stage 2's UNet, EMA (with its update count) and latent scale/shift (the
+    latent space the UNet learnt), stage 1's autoencoder and discriminator; not the frozen text encoder. Modules
+    this run adds (new parameters) keep their initialisation; shapes must match."""
+    state = ckpt["state_dict"]
+    prefixes = ("unet.", "ema.", "codec.scale", "codec.shift", "autoencoder.", "loss.discriminator.")
+    wanted = {k: v for k, v in state.items() if k.startswith(prefixes)}
+    own = module.state_dict()
+    for key in [k for k in wanted if k.endswith(_UNET_INPUT_CONV) and k in own]:
+        wanted[key] = _widen_input_conv(wanted[key], own[key], key)
+    unexpected = sorted(k for k in wanted if k not in own)
+    if unexpected:
+        raise ValueError(f"init_from={path} has weights this model lacks: {', '.join(unexpected[:5])} …")
+    module.load_state_dict(wanted, strict=False)
+    new = sorted(k for k in own if k.startswith(prefixes) and k not in wanted)
+    log.info(
+        "init_from=%s: %d tensors loaded; %d new, left as initialised: %s",
+        path,
+        len(wanted),
+        len(new),
+        new[:5],
+    )
+
+
+_UNET_INPUT_CONV = "input_blocks.0.0.weight"
+
+
+def _widen_input_conv(weight: torch.Tensor, target: torch.Tensor, key: str) -> torch.Tensor:
+    """A text-to-image UNet's first convolution, given the extra input channels of an inpainting UNet (mask and
+    masked latents) as zero weights, as Stable Diffusion's inpainting models were started: the widened network
+    computes exactly what the original did until training moves the new weights."""
+    if weight.shape == target.shape:
+        return weight
+    if (
+        weight.shape[0] != target.shape[0]
+        or weight.shape[2:] != target.shape[2:]
+        or weight.shape[1] > target.shape[1]
+    ):
+        raise ValueError(
+            f"init_from: {key} has shape {tuple(weight.shape)}, this model {tuple(target.shape)}"
+        )
+    widened = torch.zeros_like(target)
+    widened[:, : weight.shape[1]] = weight
+    log.info(
+        "init_from: %s widened from %d to %d input channels (new ones zero)",
+        key,
+        weight.shape[1],
+        target.shape[1],
+    )
+    return widened
+
+
+def _check_bucket_sizes(cfg: DictConfig, module: L.LightningModule) -> None:
+    """Aspect-ratio buckets must be latent sizes the networks take: multiples of the total downsampling."""
+    if not cfg.data.get("buckets"):
+        return
+    from ldm.data.buckets import BucketSpec
+
+    if stage_of(cfg) == "diffusion":
+        factor = module.codec.autoencoder.downsample_factor * module.unet.downsample_factor
+    else:
+        factor = module.autoencoder.downsample_factor
+    sizes = BucketSpec.of(cfg.data.buckets).sizes(cfg.data.resolution)
+    bad = [hw for hw in sizes if hw[0] % factor or hw[1] % factor]
+    if bad:
+        raise ValueError(
+            f"data.buckets: sizes {bad} are not multiples of {factor} (the autoencoder's and UNet's total "
+            f"downsampling); set data.buckets.step to a multiple of {factor}"
+        )
 
 
 def _cluster(cfg: DictConfig) -> tuple[dict, list]:

@@ -1,4 +1,5 @@
-"""Per-step speed: images/s, samples seen, model TFLOP/s and the fraction of time spent waiting for data."""
+"""Per-step speed: images/s, samples seen, model TFLOP/s, MFU, GPU memory and the fraction of time spent waiting
+for data."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import logging
 import time
 
 import lightning as L
+import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from ldm.utils.speed import compute_type, device_peak_tflops
 
 log = logging.getLogger(__name__)
 
@@ -18,12 +22,17 @@ class ThroughputCallback(L.Callback):
     perf/samples_seen     images consumed by all ranks since the run began (carried across resumes)
     perf/tflops_per_device  FLOPs of one training step per device (forward, backward, optimizer; counted once
                           with torch.utils.flop_counter on the first batch) ÷ step time
+    perf/mfu              model-FLOPs utilisation: perf/tflops_per_device ÷ the device's peak for the run's
+                          precision (ldm.utils.speed.PEAK_TFLOPS, or `peak_tflops`); only where the peak is known
+    perf/gpu_mem_gb       peak GPU memory allocated by tensors during the last optimizer step (GiB; CUDA only)
+    perf/gpu_mem_reserved_gb  peak memory held by PyTorch's caching allocator during that step (GiB; CUDA only)
     perf/data_wait_frac   share of the step spent waiting for the training loader's next batch
     perf/step_time        seconds per optimizer step
     """
 
-    def __init__(self, measure_flops: bool = True) -> None:
+    def __init__(self, measure_flops: bool = True, peak_tflops: float | None = None) -> None:
         self.measure_flops = measure_flops
+        self.peak_tflops = peak_tflops  # None: looked up from the device name at the start of training
         self.samples_seen = 0
         self.flops_per_batch: float | None = None
         self._counter: FlopCounterMode | None = None
@@ -38,6 +47,11 @@ class ThroughputCallback(L.Callback):
         return sum(getattr(dl, "wait_seconds", 0.0) for dl in loaders)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if self.peak_tflops is None and pl_module.device.type == "cuda":
+            name = torch.cuda.get_device_name(pl_module.device)
+            self.peak_tflops = device_peak_tflops(name, compute_type(trainer.precision))
+            if self.peak_tflops is None:
+                log.info("no peak TFLOP/s known for %s: perf/mfu is not logged", name)
         self._t0, self._wait0 = time.perf_counter(), self._wait(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -66,6 +80,12 @@ class ThroughputCallback(L.Callback):
         }
         if self.flops_per_batch:
             metrics["perf/tflops_per_device"] = self.flops_per_batch * self._micro / dt / 1e12
+            if self.peak_tflops:
+                metrics["perf/mfu"] = metrics["perf/tflops_per_device"] / self.peak_tflops
+        if pl_module.device.type == "cuda":
+            metrics["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            metrics["perf/gpu_mem_reserved_gb"] = torch.cuda.max_memory_reserved(pl_module.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
         self._t0, self._wait0, self._images, self._micro = now, wait, 0, 0
 

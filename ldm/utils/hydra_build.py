@@ -18,12 +18,28 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
-def _auto_precision() -> str:
-    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+def cpu_has_bf16() -> bool:
+    """The CPU computes bf16 natively (x86 AVX512-BF16 or AMX, Arm BF16): autocast to bf16 is then faster than
+    fp32 there, rather than emulated and slower."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = {word for line in f if line.startswith(("flags", "Features")) for word in line.split()}
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def _auto_precision(cpu: str = "32-true") -> str:
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    if cpu == "bf16-mixed" and not cpu_has_bf16():
+        return "32-true"
+    return cpu
 
 
 def register_resolvers() -> None:
-    """`${ldm_precision:}` → bf16-mixed on a GPU that has bf16, 32-true on CPU."""
+    """`${ldm_precision:}` → bf16-mixed on a GPU that has bf16, else 32-true. `${ldm_precision:bf16-mixed}` also
+    autocasts to bf16 on a CPU with native bf16 arithmetic (`cpu_has_bf16`)."""
     if not OmegaConf.has_resolver("ldm_precision"):
         OmegaConf.register_new_resolver("ldm_precision", _auto_precision)
 
@@ -97,14 +113,16 @@ def build_autoencoder(cfg: Mapping):
 
 
 def build_denoising_parts(cfg: Mapping, text_encoder=None) -> dict:
-    """unet (its context width taken from the text encoder, its channels from the autoencoder when null), text
-    encoder, diffusion."""
+    """unet (its context width taken from the text encoder, its channels from the autoencoder when null: C in and
+    out, 2 C + 1 in for an inpainting stage), text encoder, diffusion."""
     cfg = as_config(cfg)
     text_encoder = text_encoder if text_encoder is not None else build_text_encoder(cfg)
     unet_kwargs = {}
     for key in ("in_channels", "out_channels"):  # null: the autoencoder's latent channels
         if cfg.unet.get(key) is None:
             unet_kwargs[key] = cfg.autoencoder.latent_channels
+    if cfg.unet.get("in_channels") is None and (cfg.get("stage") or {}).get("inpainting_masks") is not None:
+        unet_kwargs["in_channels"] = 2 * cfg.autoencoder.latent_channels + 1  # x_t, mask, masked latents
     if cfg.unet.get("context_dim") is None:
         unet_kwargs["context_dim"] = text_encoder.width
     if cfg.unet.get("pooled_dim", None) == "auto":

@@ -1,0 +1,394 @@
+"""The benchmark suite's one entry point: results as JSON in bench/results/ and a markdown section appended to
+docs/benchmarks.md (machine, versions, command).
+
+    python bench/run.py train        # UNet training step per size: fwd/bwd/optimizer split, img/s, TFLOP/s, MFU, memory
+    python bench/run.py fastpaths    # each fast path on/off against the defaults (+ largest batch, on GPU)
+    python bench/run.py sampling     # images/s per sampler (UNet + sampler, classifier-free guidance, no decode)
+    python bench/run.py diffusers    # our UNet vs diffusers.UNet2DConditionModel of the same widths (bench/diffusers_unet.py)
+    python bench/run.py loader       # data-loader throughput (bench/loader.py)
+    python bench/run.py all          # all of the above
+    python bench/run.py <mode> --quick   # a smoke run in seconds: tiny size, 2 iterations; JSON to /tmp, no markdown
+
+Sizes (bench/train_step.py SIZES): tiny (the CPU quickstart's 4.3M UNet, 8×8 latents), mid (SD2 layout at 192
+channels, 165M, 32×32 latents = 256 px) and sd2 (SD2-base, 865.9M, 256 px). Defaults: tiny,mid on CPU,
+tiny,mid,sd2 on a GPU. The device is CUDA when there is one (bf16 autocast, fused AdamW, TF32: the training
+defaults there), else the CPU (fp32). Every train/sampling case runs in its own process (bench/train_step.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.train_step import SIZES, Case, cpu_matmul_tflops, device_name  # noqa: E402
+
+SAMPLERS = ("ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_karras")
+SDPA = ("flash", "efficient", "cudnn", "math")
+
+
+def spawn(case: dict, timeout: float = 3600) -> dict:
+    """One case of bench/train_step.py in a fresh process; its JSON result (or the error it died of)."""
+    cmd = [sys.executable, str(ROOT / "bench" / "train_step.py"), json.dumps(case)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"case": case, "error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"case": case, "error": f"exit {proc.returncode}: {tail[:300]}"}
+    result = json.loads(lines[-1])
+    print(_line(result), flush=True)
+    return result
+
+
+def _line(r: dict) -> str:
+    c = r["case"]
+    what = f"{c['kind']} {c['size']} b{c['batch']} {c.get('label') or ''}".strip()
+    return f"  {what}: " + (r["error"] if "error" in r else f"{r['images_per_s']:.2f} img/s")
+
+
+def _on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def _base(args, size: str, **extra) -> dict:
+    case = {
+        "size": size,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "extra": {"cpu_peak": args.cpu_peak},
+        **extra,
+    }
+    if args.batch:
+        case["batch"] = args.batch
+    elif args.quick:
+        case["batch"] = {"tiny": 8, "mid": 1, "sd2": 1}[size] if not _on_gpu() else 8
+    return case
+
+
+# ---------------------------------------------------------------- modes
+
+
+def mode_train(args) -> tuple[list[dict], list[str]]:
+    results = [spawn(_base(args, size)) for size in args.sizes]
+    header = (
+        "| size | params (M) | latent | batch | precision | fwd ms | bwd ms | opt ms | step ms | img/s "
+        "| GFLOP/img (fwd+bwd) | TFLOP/s | MFU | peak mem (GB) |"
+    )
+    rows = [header, "|" + " --- |" * 14]
+    for r in results:
+        c = r["case"]
+        if "error" in r:
+            rows.append(f"| {c['size']} | | | {c.get('batch', '')} | | | | | | {r['error']} | | | | |")
+            continue
+        gflop = (r["gflop_fwd"] + r["gflop_bwd"]) / c["batch"]
+        rows.append(
+            f"| {c['size']} | {r['params_M']:.1f} | {r['latent']}×{r['latent']} | {c['batch']} | {_precision(c)} "
+            f"| {r['fwd_ms']:.1f} | {r['bwd_ms']:.1f} | {r['opt_ms']:.1f} | {r['step_ms']:.1f} "
+            f"| **{r['images_per_s']:.2f}** | {gflop:.2f} | {r['tflops']:.3f} | {_mfu(r)} | {r['peak_mem_gb']:.2f} |"
+        )
+    notes = [_peak_note(results), f"Peak memory: {_mem_note(results)}."]
+    return results, rows + [""] + notes
+
+
+def fast_path_variants(gpu: bool, with_compile: bool) -> list[tuple[str, dict]]:
+    """(label, case overrides) against the defaults: each switch flipped from its default."""
+    base = Case(device="cuda" if gpu else "cpu").resolve()
+    variants = [
+        ("defaults", {}),
+        ("channels_last", {"channels_last": True}),
+        *((f"sdpa={name} (strict)", {"sdpa": name}) for name in SDPA),
+        (f"fused AdamW {'off' if base.fused_adamw else 'on'}", {"fused_adamw": not base.fused_adamw}),
+        (f"bf16 autocast {'off' if base.bf16 else 'on'}", {"bf16": not base.bf16}),
+        ("TF32 off", {"tf32": False}),
+        ("gradient checkpointing", {"grad_ckpt": True}),
+    ]
+    if with_compile:
+        variants += [
+            ("torch.compile", {"compile": True}),
+            ("compile + channels_last", {"compile": True, "channels_last": True}),
+        ]
+    return variants
+
+
+def max_batch(args, size: str, grad_ckpt: bool) -> dict:
+    """Largest power-of-two batch (from the size's default up) whose training step fits, then timed at it."""
+    batch, fits = SIZES[size]["batch"]["cuda"], None
+    while batch <= 4096:
+        probe = spawn({**_base(args, size), "batch": batch, "iters": 2, "warmup": 1, "grad_ckpt": grad_ckpt})
+        if "error" in probe:
+            break
+        fits, batch = batch, batch * 2
+    if fits is None:
+        return probe
+    label = f"largest batch{' + gradient checkpointing' if grad_ckpt else ''}"
+    return spawn({**_base(args, size), "batch": fits, "grad_ckpt": grad_ckpt, "label": label})
+
+
+def mode_fastpaths(args) -> tuple[list[dict], list[str]]:
+    gpu = _on_gpu()
+    results = []
+    for size in args.fast_sizes:
+        for label, overrides in fast_path_variants(gpu, args.compile or (gpu and not args.quick)):
+            results.append(spawn({**_base(args, size), **overrides, "label": label}))
+        if gpu and not args.quick:
+            results += [max_batch(args, size, ckpt) for ckpt in (False, True)]
+        if gpu or args.encode:  # the VAE encoder of runs on raw images (CPU: slow, only with --encode)
+            for label, overrides in (
+                ("VAE encode (kl_f8, 256 px)", {}),
+                ("VAE encode, compiled", {"compile": True}),
+            ):
+                batch = {"batch": 1 if args.quick else (32 if gpu else 4)}
+                results.append(
+                    spawn({**_base(args, size), "kind": "encode", **batch, **overrides, "label": label})
+                )
+    rows = [
+        "| size | variant | batch | img/s | vs defaults | TFLOP/s | MFU | peak mem (GB) |",
+        "|" + " --- |" * 8,
+    ]
+    base = {  # the reference row of each size and kind: the defaults (plain encoder)
+        (r["case"]["size"], r["case"]["kind"]): r["images_per_s"]
+        for r in results
+        if "error" not in r and r["case"]["label"] in ("defaults", "VAE encode (kl_f8, 256 px)")
+    }
+    for r in results:
+        c = r["case"]
+        if "error" in r:
+            rows.append(f"| {c['size']} | {c['label']} | {c.get('batch', '')} | {r['error']} | | | | |")
+            continue
+        reference = base.get((c["size"], c["kind"]))
+        ratio = r["images_per_s"] / reference if reference else float("nan")
+        tflops = f"{r['tflops']:.3f}" if "tflops" in r else ""
+        rows.append(
+            f"| {c['size']} | {c['label']} | {c['batch']} | {r['images_per_s']:.2f} | **{ratio:.2f}×** | {tflops} "
+            f"| {_mfu(r)} | {r['peak_mem_gb']:.2f} |"
+        )
+    defaults = Case(device="cuda" if gpu else "cpu").resolve()
+    notes = [
+        f"Defaults: bf16 autocast {'on' if defaults.bf16 else 'off'}, fused AdamW {'on' if defaults.fused_adamw else 'off'}, "
+        "TF32 on, sdpa auto, channels_last off, no compile, no checkpointing. Strict sdpa: only that kernel "
+        "(an error where it cannot run).",
+        _peak_note(results),
+    ]
+    return results, rows + [""] + notes
+
+
+def mode_sampling(args) -> tuple[list[dict], list[str]]:
+    results = []
+    for size in args.sample_sizes:
+        for sampler in args.samplers:
+            case = {
+                **_base(args, size),
+                "kind": "sample",
+                "sampler": sampler,
+                "steps": args.steps,
+                "label": sampler,
+            }
+            case["iters"], case["warmup"] = (1, 0) if args.quick else (3, 1)
+            if not args.batch:
+                case["batch"] = 2 if args.quick else (16 if _on_gpu() else 8)
+            results.append(spawn(case))
+    rows = [
+        "| size | sampler | steps | model calls | batch | img/s | ms per call | peak mem (GB) |",
+        "|" + " --- |" * 8,
+    ]
+    for r in results:
+        c = r["case"]
+        if "error" in r:
+            rows.append(f"| {c['size']} | {c['sampler']} | {c['steps']} | | | {r['error']} | | |")
+            continue
+        rows.append(
+            f"| {c['size']} | {c['sampler']} | {c['steps']} | {r['model_calls']} | {c['batch']} "
+            f"| **{r['images_per_s']:.2f}** | {r['ms_per_call']:.1f} | {r['peak_mem_gb']:.2f} |"
+        )
+    notes = [
+        "Random-weight UNet, classifier-free guidance (cond + uncond in one batched call, scale 5), "
+        "scaled-linear schedule; latents only (no VAE decode). A model call evaluates 2 × batch."
+    ]
+    return results, rows + [""] + notes
+
+
+def mode_diffusers(args) -> tuple[list[dict], list[str]]:
+    from bench.diffusers_unet import compare
+
+    results = []
+    for size in args.diffusers_sizes:
+        case = Case(**{k: v for k, v in _base(args, size).items() if k != "iters"})
+        rounds, steps = (2, 1) if args.quick else (args.rounds, 3)
+        results.append(compare(size, case, rounds, steps))
+        print(f"  diffusers {size}: ours/diffusers speed {results[-1]['speed_ratio']:.3f}×", flush=True)
+    rows = [
+        "| size | params ours | params diffusers | batch | ours ms/step | diffusers ms/step | ours speed ÷ diffusers |",
+        "|" + " --- |" * 7,
+    ]
+    for r in results:
+        rows.append(
+            f"| {r['size']} | {r['params_ours']:,} | {r['params_diffusers']:,} | {r['batch']} "
+            f"| {r['ours_step_ms']:.1f} | {r['diffusers_step_ms']:.1f} | **{r['speed_ratio']:.3f}×** |"
+        )
+    notes = [
+        f"Training step (forward, MSE, backward, AdamW), {results[0]['rounds'] if results else 0} interleaved rounds "
+        f"(ABBA), median of per-round ratios; diffusers {results[0]['diffusers'] if results else '?'}."
+    ]
+    return results, rows + [""] + notes
+
+
+def mode_loader(args) -> tuple[list[dict], list[str]]:
+    out = args.json_dir / "loader.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "loader.py"), "--out", str(out)] + (
+        ["--quick"] if args.quick else []
+    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    print(proc.stdout[-2000:], flush=True)
+    if proc.returncode:
+        return [{"error": proc.stderr[-500:]}], [f"bench/loader.py failed: {proc.stderr.strip()[-300:]}"]
+    return [json.loads(out.read_text())], [ln for ln in proc.stdout.splitlines() if ln.startswith("|")]
+
+
+MODES = {
+    "train": ("UNet training step", mode_train),
+    "fastpaths": ("Fast paths on/off", mode_fastpaths),
+    "sampling": ("Sampling images/s per sampler", mode_sampling),
+    "diffusers": ("Our UNet vs diffusers UNet2DConditionModel", mode_diffusers),
+    "loader": ("Data-loader throughput", mode_loader),
+}
+
+
+# ---------------------------------------------------------------- output
+
+
+def _precision(c: dict) -> str:
+    return (
+        "bf16 autocast" if c["bf16"] else ("fp32 (TF32)" if c["tf32"] and c["device"] == "cuda" else "fp32")
+    )
+
+
+def _mfu(r: dict) -> str:
+    return f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "n/a"
+
+
+def _peak_note(results: list[dict]) -> str:
+    sources = sorted(
+        {f"{r['peak_tflops']:.3g} TFLOP/s ({r['peak_source']})" for r in results if r.get("peak_tflops")}
+    )
+    return "MFU = model TFLOP/s (FlopCounterMode, fwd + bwd) ÷ peak: " + ("; ".join(sources) or "n/a") + "."
+
+
+def _mem_note(results: list[dict]) -> str:
+    return ", ".join(sorted({r["mem_source"] for r in results if "mem_source" in r})) or "n/a"
+
+
+def machine() -> dict:
+    device = torch.device("cuda" if _on_gpu() else "cpu")
+    meta = {
+        "device": device_name(device),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if _on_gpu() else None,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    try:
+        meta["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip()
+    except OSError:
+        meta["commit"] = None
+    try:
+        import diffusers
+
+        meta["diffusers"] = diffusers.__version__
+    except ImportError:
+        meta["diffusers"] = None
+    return meta
+
+
+def append_markdown(path: Path, title: str, meta: dict, command: str, lines: list[str]) -> None:
+    where = meta["device"] + (
+        f", {meta['cpu_cores']} cores" if meta["cuda"] is None else f", CUDA {meta['cuda']}"
+    )
+    head = (
+        f"\n### {title} — {where}, torch {meta['torch']}, {meta['date']}, commit {meta['commit']}\n\n"
+        f"`{command}`\n\n"
+    )
+    with open(path, "a") as f:
+        f.write(head + "\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("mode", choices=[*MODES, "all"])
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny, 2 iterations, JSON to /tmp")
+    parser.add_argument("--sizes", default=None, help="train: comma-separated sizes (tiny, mid, sd2)")
+    parser.add_argument(
+        "--fast-sizes", default=None, help="fastpaths: sizes (default: tiny on CPU, sd2 on GPU)"
+    )
+    parser.add_argument(
+        "--sample-sizes", default=None, help="sampling: sizes (default: tiny on CPU, sd2 on GPU)"
+    )
+    parser.add_argument("--diffusers-sizes", default=None, help="diffusers: sizes (default: tiny,mid)")
+    parser.add_argument("--batch", type=int, default=None, help="override every size's default batch")
+    parser.add_argument("--iters", type=int, default=None, help="timed steps per case (default 10, quick 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3, quick 1)")
+    parser.add_argument("--rounds", type=int, default=6, help="diffusers: interleaved rounds")
+    parser.add_argument("--samplers", default=",".join(SAMPLERS))
+    parser.add_argument(
+        "--steps", type=int, default=None, help="sampling: sampler steps (default 20, quick 2)"
+    )
+    parser.add_argument("--compile", action="store_true", help="fastpaths: include torch.compile on CPU too")
+    parser.add_argument("--encode", action="store_true", help="fastpaths: include the VAE encoder on CPU too")
+    parser.add_argument("--json-dir", default=None, help="default bench/results (quick: a temp dir)")
+    parser.add_argument(
+        "--markdown", default=None, help="append here (default docs/benchmarks.md; quick: none)"
+    )
+    args = parser.parse_args()
+
+    gpu, quick = _on_gpu(), args.quick
+    split = lambda s, d: (s or d).split(",")  # noqa: E731
+    args.sizes = split(args.sizes, "tiny" if quick else ("tiny,mid,sd2" if gpu else "tiny,mid"))
+    args.fast_sizes = split(args.fast_sizes, "sd2" if gpu and not quick else "tiny")
+    args.sample_sizes = split(args.sample_sizes, "sd2" if gpu and not quick else "tiny")
+    args.diffusers_sizes = split(args.diffusers_sizes, "tiny" if quick else "tiny,mid")
+    args.samplers = split(args.samplers, "")
+    args.iters = args.iters or (2 if quick else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 3)
+    args.steps = args.steps or (2 if quick else 20)
+    default_dir = Path(tempfile.gettempdir()) / "ldm-bench" if quick else ROOT / "bench" / "results"
+    args.json_dir = Path(args.json_dir) if args.json_dir else default_dir
+    args.json_dir.mkdir(parents=True, exist_ok=True)
+    markdown = args.markdown if args.markdown is not None else ("" if quick else "docs/benchmarks.md")
+
+    # on CPU, MFU is against this machine's measured matmul rate, measured once for all cases
+    args.cpu_peak = {} if gpu else {dtype: cpu_matmul_tflops(dtype) for dtype in ("fp32", "bf16")}
+    meta = {**machine(), "cpu_matmul_peak_tflops": args.cpu_peak or None}
+    command = "python bench/run.py " + " ".join(sys.argv[1:])
+    for name in MODES if args.mode == "all" else [args.mode]:
+        title, run = MODES[name]
+        print(f"{name}:", flush=True)
+        results, lines = run(args)
+        if name != "loader":  # bench/loader.py writes its own JSON
+            path = args.json_dir / f"{name}.json"
+            path.write_text(json.dumps({"meta": meta, "command": command, "results": results}, indent=2))
+        print("\n".join(lines) + "\n", flush=True)
+        if markdown:
+            append_markdown(ROOT / markdown, title, meta, command, lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The benchmark suite (bench/): FLOP counts against an independent count, one real case end to end, the diffusers
+twin's architecture, the entry point's JSON and markdown, and the dashboard plot."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from bench.train_step import SIZES, Case, count_flops, make_inputs, run_case, unet_kwargs
+from ldm.models import CrossAttentionUNet
+from ldm.models.attention import CrossAttention
+
+from .helpers import ROOT
+
+
+def _flops_by_hooks(model: nn.Module, inputs) -> float:
+    """Forward FLOPs from the layer shapes: 2·MACs of every convolution and linear layer, and 2 × 2·B·H·N·L·D for
+    the two matmuls (QKᵀ, AV) of each attention."""
+    total = [0.0]
+
+    def conv(m, args, out):
+        total[0] += 2 * out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+
+    def linear(m, args, out):
+        total[0] += 2 * out.numel() * m.in_features
+
+    def attention(m, args, kwargs, out):
+        x = args[0]
+        context = args[1] if len(args) > 1 and args[1] is not None else kwargs.get("context", x)
+        b, n, _ = x.shape
+        inner = m.to_q.out_features  # heads × head dim
+        total[0] += 2 * 2 * b * n * context.shape[1] * inner
+
+    hooks = []
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            hooks.append(module.register_forward_hook(conv))
+        elif isinstance(module, nn.Linear):
+            hooks.append(module.register_forward_hook(linear))
+        elif isinstance(module, CrossAttention):
+            hooks.append(module.register_forward_hook(attention, with_kwargs=True))
+    with torch.no_grad():
+        model(*inputs)
+    for h in hooks:
+        h.remove()
+    return total[0]
+
+
+def test_flop_count_matches_the_layer_shapes_and_scales_with_batch():
+    x, t, context, _ = make_inputs("tiny", 2, torch.device("cpu"))
+    unet = CrossAttentionUNet(**unet_kwargs("tiny"))
+    fwd, bwd = count_flops("tiny", 2)
+    assert fwd == pytest.approx(_flops_by_hooks(unet, (x, t, context)), rel=1e-9)
+    # backward: input and weight gradients (2× forward), less the first convolution's unneeded input gradient
+    assert 1.8 * fwd < bwd <= 2.0 * fwd
+    assert count_flops("tiny", 4) == pytest.approx((2 * fwd, 2 * bwd), rel=1e-9)
+
+
+def test_one_training_case_end_to_end():
+    result = run_case(Case(size="tiny", batch=2, iters=2, warmup=1))
+    assert "error" not in result
+    c = result["case"]
+    assert (c["device"], c["bf16"], c["fused_adamw"]) == ("cpu", False, False)  # CPU defaults
+    assert result["params_M"] == pytest.approx(4.283012)
+    assert result["images_per_s"] == pytest.approx(2 / (result["step_ms"] / 1e3))
+    # on CPU the step is synchronous: the whole step is the sum of its timed parts (medians: up to rounding)
+    assert result["fwd_ms"] > 0 and result["bwd_ms"] > 0 and result["opt_ms"] > 0
+    flops = (result["gflop_fwd"] + result["gflop_bwd"]) * 1e9
+    assert result["tflops"] == pytest.approx(flops / (result["step_ms"] / 1e3) / 1e12)
+    assert result["mfu"] == pytest.approx(result["tflops"] / result["peak_tflops"])
+    assert "matmul" in result["peak_source"] and result["peak_mem_gb"] >= 0
+
+
+def test_a_kernel_that_cannot_run_is_reported_not_raised():
+    result = run_case(Case(size="tiny", batch=1, iters=1, warmup=0, sdpa="efficient"))  # CUDA-only kernel
+    assert result["error"].startswith("No viable backend")
+
+
+@pytest.mark.parametrize("size", ["tiny", "mid", "sd2"])
+def test_diffusers_twin_has_our_architecture(size):
+    from bench.diffusers_unet import diffusers_twin
+
+    kwargs = unet_kwargs(size)
+    with torch.device("meta"):
+        ours, theirs = CrossAttentionUNet(**kwargs), diffusers_twin(kwargs)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(ours) == count(theirs)
+    if size == "sd2":
+        assert count(ours) == 865_910_724  # SD2-base, as published
+    shapes = lambda m: sorted(tuple(p.shape) for p in m.parameters())  # noqa: E731
+    assert shapes(ours) == shapes(theirs)
+
+
+def test_diffusers_comparison_interleaves_and_reports_a_ratio():
+    from bench.diffusers_unet import compare
+
+    result = compare("tiny", Case(size="tiny", batch=2, warmup=1), rounds=2, steps=1)
+    assert result["params_ours"] == result["params_diffusers"] == 4_283_012
+    assert len(result["ratios"]) == 2 and all(r > 0 for r in result["ratios"])
+    assert result["speed_ratio"] == pytest.approx(
+        sorted(result["ratios"])[0] / 2 + sorted(result["ratios"])[1] / 2
+    )
+
+
+@pytest.mark.slow
+def test_entry_point_writes_json_and_a_markdown_table(tmp_path):
+    md = tmp_path / "bench.md"
+    md.write_text("# Benchmarks\n")
+    cmd = [
+        sys.executable,
+        "bench/run.py",
+        "train",
+        "--quick",
+        "--batch",
+        "2",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+    ]
+    cmd += ["--json-dir", str(tmp_path), "--markdown", str(md)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "train.json").read_text())
+    (result,) = data["results"]
+    assert result["case"]["size"] == "tiny" and result["case"]["batch"] == 2 and result["images_per_s"] > 0
+    assert data["meta"]["torch"] == torch.__version__ and data["meta"]["cpu_matmul_peak_tflops"]["fp32"] > 0
+    text = md.read_text()
+    assert text.startswith("# Benchmarks\n") and "### UNet training step" in text
+    assert "`python bench/run.py train --quick" in text
+    row = next(line for line in text.splitlines() if line.startswith("| tiny |"))
+    assert f"**{result['images_per_s']:.2f}**" in row and row.count("|") == 15
+
+
+def test_sizes_are_the_documented_ones():
+    params = {}
+    for size in SIZES:
+        with torch.device("meta"):
+            params[size] = sum(p.numel() for p in CrossAttentionUNet(**unet_kwargs(size)).parameters())
+    assert params == {"tiny": 4_283_012, "mid": 164_897_092, "sd2": 865_910_724}
+
+
+def test_plot_run_renders_a_metrics_csv(tmp_path):
+    from PIL import Image
+
+    from scripts.plot_run import plot, read_csv_history
+
+    csv_path = tmp_path / "metrics.csv"
+    lines = ["step,train/loss,train_loss_by_t/0000-0099,perf/images_per_sec,perf/data_wait_frac,lr-AdamW"]
+    lines += [f"{s},{1 / (s + 1)},{2 / (s + 1)},{100 + s},0.05,{1e-4 * min(1, s / 5)}" for s in range(20)]
+    csv_path.write_text("\n".join(lines) + "\n")
+    rows = read_csv_history(csv_path)
+    assert len(rows) == 20 and rows[3]["train/loss"] == 0.25
+    plot(rows, tmp_path / "dash.png", "test")
+    with Image.open(tmp_path / "dash.png") as im:
+        assert im.width > 1000 and im.height > 500
