@@ -294,17 +294,12 @@ class Batch:
     """Samples → a batch: tensor fields stacked ({"image": (B, 3, R, R)}), others listed ({"caption": [str]}),
     plus the skips since the previous batch: {"n_skipped": (), "skipped": {reason: ()}}.
 
-    A batch is collated only when the sample after it arrives (or the stream ends), so skips that happen at
-    the end of a finite stream are still reported. With `partial=False` a final short batch is dropped,
-    and with it the skips counted since the batch before.
-
-    Samples whose tensors differ in shape (aspect-ratio buckets, `ldm.data.buckets`) are never batched
-    together: each shape has its own queue and a batch is the first queue to fill; at the end, the partly
-    filled queues are short batches, oldest first. Samples of one shape are batched as they come.
+    `ShardStream` decides which samples form a batch (one queue per `shape_key`, i.e. per aspect-ratio bucket)
+    and when (once the sample after it arrives, so skips met at the end of a finite stream are still reported).
     """
 
-    def __init__(self, batch_size: int, counter: SkipCounter, partial: bool = False):
-        self.batch_size, self.counter, self.partial = batch_size, counter, partial
+    def __init__(self, batch_size: int, counter: SkipCounter):
+        self.batch_size, self.counter = batch_size, counter
 
     def collate(self, samples: list[dict]) -> dict:
         skipped = self.counter.take()
@@ -321,23 +316,6 @@ class Batch:
     def shape_key(sample: dict) -> tuple:
         """What the samples of one batch share: the name and shape of each tensor (one key per bucket)."""
         return tuple((name, tuple(v.shape)) for name, v in sample.items() if isinstance(v, torch.Tensor))
-
-    def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
-        queues: dict[tuple, list[dict]] = {}  # per shape; a queue re-enters at its next sample: oldest first
-        full: list[dict] | None = None
-        for sample in samples:
-            if full is not None:
-                yield self.collate(full)
-                full = None
-            key = self.shape_key(sample)
-            queues.setdefault(key, []).append(sample)
-            if len(queues[key]) == self.batch_size:
-                full = queues.pop(key)
-        if full is not None:
-            yield self.collate(full)
-        if self.partial:
-            for queue in queues.values():
-                yield self.collate(queue)
 
 
 def image_text_pipeline(
