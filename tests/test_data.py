@@ -114,6 +114,26 @@ def test_holdout_pairs_absent_but_every_colour_and_shape_present(tmp_path):
     assert {(s.color, s.shape) for s in specs} == set(DEFAULT_HOLDOUT)
 
 
+def test_writer_template_subset(tmp_path):
+    """`templates=(0,)` phrases every caption one way; the default draws from all templates; bad indices fail."""
+
+    def captions(out, templates):
+        paths = write_synthetic_shards(out, 60, 60, resolution=8, seed=2, templates=templates)
+        return [s["txt"].decode() for s in _read_shard(paths[0]).values()]
+
+    only_first = captions(tmp_path / "one", (0,))
+    for text in only_first:
+        spec = parse_caption(text)
+        assert text == spec.caption(0)
+    phrasings = {
+        next(t for t in range(NUM_TEMPLATES) if parse_caption(c).caption(t) == c)
+        for c in captions(tmp_path / "all", None)
+    }
+    assert phrasings == set(range(NUM_TEMPLATES))
+    with pytest.raises(ValueError, match="templates"):
+        write_synthetic_shards(tmp_path / "bad", 4, templates=(NUM_TEMPLATES,))
+
+
 def test_writer_is_deterministic(tmp_path):
     def shard_bytes(out, seed):
         return [Path(p).read_bytes() for p in write_synthetic_shards(out, 30, 20, seed=seed)]

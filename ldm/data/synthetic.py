@@ -45,7 +45,11 @@ DEFAULT_HOLDOUT: tuple[tuple[str, str], ...] = (
     ("green", "square"),
 )
 SUPERSAMPLE = 4
-SIZE_RANGE = (0.4, 0.8)  # side of the shape's bounding box, as a fraction of the canvas
+# Side of the shape's bounding box, as a fraction of the canvas. At 32 px a shape under ~0.5 of the canvas is a
+# 4×4-latent blob to an f4 autoencoder: a 1,000-step quickstart autoencoder kept 28 % of stars at 0.4–0.8 (they
+# decode as circles) and 56 % at 0.55–0.9 (docs/benchmarks.md). Above 0.9 a square can cover the whole border, and
+# the background is then undefined.
+SIZE_RANGE = (0.55, 0.9)
 
 # written with "a"; "a" before a vowel becomes "an" ("an orange star")
 _TEMPLATES: tuple[str, ...] = (
@@ -144,7 +148,7 @@ def render_box(spec: SyntheticSpec, resolution: int, box: tuple[float, float, fl
 
 
 def render(spec: SyntheticSpec, resolution: int, rng: random.Random | np.random.Generator) -> Image.Image:
-    """Shape of random size (40–80 % of the canvas) at a random position fully inside the canvas."""
+    """Shape of random size (`SIZE_RANGE` of the canvas) at a random position fully inside the canvas."""
     size = rng.uniform(*SIZE_RANGE) * resolution
     x0, y0 = rng.uniform(0, resolution - size), rng.uniform(0, resolution - size)
     return render_box(spec, resolution, (x0, y0, x0 + size, y0 + size))
@@ -200,11 +204,21 @@ def write_synthetic_shards(
     holdout: Sequence[tuple[str, str]] = DEFAULT_HOLDOUT,
     image_format: str = "jpg",
     prefix: str = "shapes",
+    templates: Sequence[int] | None = None,
 ) -> list[str]:
     """Write `{prefix}-{000000..}.tar` shards of key.{jpg,txt,json} samples; returns the shard paths.
 
-    The bytes written are a function of the arguments only (tar mtimes are fixed at 0).
+    templates: indices of the caption templates to draw from (default: all `NUM_TEMPLATES`). `(0,)` writes every
+    caption as "a {color} {shape} on a {background} background", which a randomly initialised text tower can
+    tell apart much sooner (the CPU quickstart; docs/benchmarks.md). The bytes written are a function of the
+    arguments only (tar mtimes are fixed at 0).
     """
+    if templates is not None:
+        templates = [int(t) for t in templates]
+        if not templates or not all(0 <= t < NUM_TEMPLATES for t in templates):
+            raise ValueError(
+                f"templates must be a non-empty subset of 0..{NUM_TEMPLATES - 1}, got {templates}"
+            )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -221,7 +235,8 @@ def write_synthetic_shards(
         color, shape = rng.choice(combos)
         background = rng.choice([c for c in COLORS if c != color])
         spec = SyntheticSpec(shape, color, background)
-        caption = spec.caption(rng.randrange(NUM_TEMPLATES))
+        template = rng.randrange(NUM_TEMPLATES) if templates is None else rng.choice(templates)
+        caption = spec.caption(template)
         image = render(spec, resolution, rng)
         key = f"{index:09d}"
         meta = {
@@ -316,7 +331,7 @@ def classify(image) -> tuple[SyntheticSpec | None, dict[str, float]]:
     h, w, _ = arr.shape
     if h != w:
         raise ValueError(f"classify expects a square image, got {w}x{h}")
-    if h > _JUDGE_RESOLUTION:  # the fit costs O(pixels); shapes are 40-80 % of the canvas
+    if h > _JUDGE_RESOLUTION:  # the fit costs O(pixels); shapes are most of the canvas
         small = Image.fromarray(arr.round().clip(0, 255).astype(np.uint8))
         arr = np.asarray(small.resize((_JUDGE_RESOLUTION,) * 2, Image.Resampling.BOX), dtype=np.float32)
     border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
@@ -370,6 +385,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--image-format", default="jpg", choices=("jpg", "png", "webp"))
+    parser.add_argument(
+        "--templates",
+        type=int,
+        nargs="+",
+        default=None,
+        help=f"caption templates to use (0..{NUM_TEMPLATES - 1}; default all)",
+    )
     args = parser.parse_args(argv)
     splits = [("train", args.num_samples, args.seed)]
     if args.val_samples > 0:
@@ -383,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             resolution=args.resolution,
             seed=seed,
             image_format=args.image_format,
+            templates=args.templates,
         )
         elapsed = time.perf_counter() - start
         print(f"{split}: {n} samples in {len(paths)} shards, {elapsed:.1f} s ({n / elapsed:.0f} samples/s)")
