@@ -45,7 +45,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default="quickstart_out", help="output folder (data, runs, samples)")
-    parser.add_argument("--num-samples", type=int, default=20000, help="synthetic training images")
+    parser.add_argument("--num-samples", type=int, default=10000, help="synthetic training images")
     parser.add_argument("--num-val", type=int, default=512, help="held-out images (stage-1 PSNR/SSIM)")
     parser.add_argument(
         "--vae-steps", type=int, default=None, help="override stage-1 steps (experiment vae_tiny)"
@@ -53,7 +53,10 @@ def main() -> None:
     parser.add_argument(
         "--ldm-steps", type=int, default=None, help="override stage-2 steps (experiment tiny)"
     )
-    parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps when sampling")
+    parser.add_argument("--sample-steps", type=int, default=25, help="DDIM steps when sampling")
+    parser.add_argument(
+        "--guidance", type=float, default=2.5, help="classifier-free guidance scale when sampling"
+    )
     parser.add_argument(
         "--templates",
         type=int,
@@ -149,6 +152,7 @@ def main() -> None:
             f"prompts_file={prompts_file}",
             f"out_dir={sample_dir}",
             f"sampler.num_steps={args.sample_steps}",
+            f"guidance_scale={args.guidance}",  # SD's 5 overshoots this model's colours (docs/benchmarks.md)
             "num_per_prompt=4",
         ],
         "sampling",
