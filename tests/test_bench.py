@@ -157,3 +157,22 @@ def test_plot_run_renders_a_metrics_csv(tmp_path):
     plot(rows, tmp_path / "dash.png", "test")
     with Image.open(tmp_path / "dash.png") as im:
         assert im.width > 1000 and im.height > 500
+
+
+def test_vae_judge_on_an_identity_autoencoder_and_a_blurring_one():
+    """bench/vae_judge.py's report: renders are all recognised; a 4× box blur (what a weak f4 decoder does) costs
+    shapes; with every shape drawn equally often, the overall share is the mean of the per-shape ones."""
+    import numpy as np
+    from PIL import Image
+
+    from bench.vae_judge import renders, shape_report
+
+    images, specs = renders(36, 32, seed=0)
+    clean = shape_report(images, specs)
+    assert clean["shape"] == 1.0 and clean["confusions"] == {}
+    blurred = [
+        im.resize((8, 8), Image.Resampling.BOX).resize((32, 32), Image.Resampling.BILINEAR) for im in images
+    ]
+    report = shape_report(blurred, specs)
+    assert report["shape"] < 1.0 and sum(report["confusions"].values()) == round((1 - report["shape"]) * 36)
+    assert report["shape"] == pytest.approx(np.mean(list(report["per_shape"].values())))
