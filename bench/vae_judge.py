@@ -3,7 +3,7 @@
     python bench/vae_judge.py quickstart_out/vae/checkpoints/last.ckpt --num 300
 
 Renders `--num` images (shapes in turn, random colours, sizes from `ldm.data.synthetic.SIZE_RANGE`), JPEG-encodes
-them as the shards do (quality 95), decodes the posterior mode, and prints the judge's shape accuracy per shape on
+them as the shard writer does, decodes the posterior mode, and prints the judge's shape accuracy per shape on
 the originals and on the reconstructions, the commonest confusions, and the mean per-image PSNR. Stage 2 cannot
 draw a shape right more often than its autoencoder keeps it.
 """
@@ -34,9 +34,10 @@ def renders(num: int, resolution: int, seed: int) -> tuple[list[Image.Image], li
         color = rng.choice(synthetic.COLORS)
         background = rng.choice([c for c in synthetic.COLORS if c != color])
         spec = synthetic.SyntheticSpec(synthetic.SHAPES[i % len(synthetic.SHAPES)], color, background)
-        buf = io.BytesIO()
-        synthetic.render(spec, resolution, rng).save(buf, format="JPEG", quality=95)
-        images.append(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+        jpeg = synthetic._encode(
+            synthetic.render(spec, resolution, rng), "jpg"
+        )  # the shard writer's encoding
+        images.append(Image.open(io.BytesIO(jpeg)).convert("RGB"))
         specs.append(spec)
     return images, specs
 

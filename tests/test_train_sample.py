@@ -436,13 +436,10 @@ def test_inpainting_unet_starts_from_a_text_to_image_checkpoint(ldm_run, vae_run
     for unet, use_ema in ((module.ema.module, True), (module.unet, False)):
         plain, _ = TextToImage.from_checkpoint(ckpt, use_ema=use_ema)
         cond = plain.text_encoder(["a red circle", "a blue star"])
-        pooled = (
-            cond.pooled if plain.unet.pooled_proj is not None else None
-        )  # experiment=tiny adds pooled text
         assert unet.in_channels == 9 and plain.unet.in_channels == 4
-        torch.testing.assert_close(
-            unet(torch.cat([x, extra], 1), t, cond.tokens, pooled=pooled),
-            plain.unet(x, t, cond.tokens, pooled=pooled),
+        torch.testing.assert_close(  # pooled: used by UNets built with pooled_dim (experiment=tiny), else ignored
+            unet(torch.cat([x, extra], 1), t, cond.tokens, pooled=cond.pooled),
+            plain.unet(x, t, cond.tokens, pooled=cond.pooled),
         )
     weight = module.unet.input_blocks[0][0].weight
     assert (weight[:, 4:] == 0).all() and (weight[:, :4] != 0).any()
