@@ -1,5 +1,6 @@
-"""2-process CPU DDP (gloo) training through `train.py`, preempted with USR1 and resumed, against an uninterrupted
-run: the same samples at every step on every rank, and bit-identical final weights and optimizer state."""
+"""2-process CPU (gloo) training through `train.py`, preempted with USR1 and resumed, against an uninterrupted DDP
+run: the same samples at every step on every rank; with DDP bit-identical final weights and optimizer state, with
+FSDP (`strategy=fsdp`, the UNet sharded over the two ranks) the same up to fp32 rounding, in the same format."""
 
 import json
 import os
@@ -39,7 +40,7 @@ def setup(tmp_path_factory):
     return str(shards), train(cfg)["checkpoint"]
 
 
-def _command(setup, run_dir: Path, hold_at: int | None = None) -> list[str]:
+def _command(setup, run_dir: Path, hold_at: int | None = None, strategy: str = "ddp") -> list[str]:
     shards, vae = setup
     hold = f"+callbacks.hold={{_target_: tests.callbacks.HoldForPreemption, step: {hold_at}}}"
     return [
@@ -51,7 +52,7 @@ def _command(setup, run_dir: Path, hold_at: int | None = None) -> list[str]:
         f"trainer.max_steps={MAX_STEPS}",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
-        "trainer.strategy=ddp",
+        "trainer.strategy=ddp" if strategy == "ddp" else f"strategy={strategy}",
         "trainer.enable_progress_bar=false",
         "data.resampled=false",  # one epoch = 24 samples per worker: 3 batches; epochs roll over
         "data.num_workers=2",
@@ -74,19 +75,26 @@ def _log(run_dir: Path, rank: int) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def _run(setup, run_dir: Path) -> subprocess.CompletedProcess:
+def _run(setup, run_dir: Path, strategy: str = "ddp") -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        _command(setup, run_dir), cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env()
+        _command(setup, run_dir, strategy=strategy),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
 
-def _preempt_when_training(setup, run_dir: Path, at_step: int = 3) -> subprocess.CompletedProcess:
+def _preempt_when_training(
+    setup, run_dir: Path, at_step: int = 3, strategy: str = "ddp"
+) -> subprocess.CompletedProcess:
     """Start the run; once both ranks have started step `at_step`, send each of them USR1 (as Slurm does).
     The ranks wait for it at the end of that step, so the run stops after step `at_step` + 1 however fast it is."""
     proc = subprocess.Popen(
-        _command(setup, run_dir, hold_at=at_step + 1),
+        _command(setup, run_dir, hold_at=at_step + 1, strategy=strategy),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -110,24 +118,30 @@ def _steps(run_dir: Path, rank: int) -> dict[int, list[str]]:
     return {line["step"]: line["keys"] for line in _log(run_dir, rank)}
 
 
-def test_preempted_ddp_run_resumes_exactly(setup, tmp_path):
-    reference = tmp_path / "uninterrupted"
-    _run(setup, reference)
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory) -> Path:
+    """The uninterrupted DDP run both strategies' preempted runs are compared with."""
+    run = tmp_path_factory.mktemp("ddp-reference") / "uninterrupted"
+    _run(setup, run)
+    return run
 
-    run = tmp_path / "preempted"
-    first = _preempt_when_training(setup, run)
+
+def _preempt_and_resume(setup, run: Path, strategy: str) -> tuple[str, str]:
+    """Preempt a run after step 4, rerun the same command; the two runs' logs."""
+    first = _preempt_when_training(setup, run, strategy=strategy)
     hpc = run / "hpc_ckpt_1.ckpt"
     assert hpc.is_file()
     stopped_at = torch.load(hpc, weights_only=True, map_location="cpu")["global_step"]
     assert stopped_at == 4, "the signal lands after step 3 (the run holds there for it)"
-    second = _run(setup, run)  # the same command, the same run dir: resumes from hpc_ckpt_1
-    assert (
-        "resuming from" in second.stderr + second.stdout
-        and "hpc_ckpt_1.ckpt" in second.stderr + second.stdout
-    )
+    second = _run(
+        setup, run, strategy=strategy
+    )  # the same command, the same run dir: resumes from hpc_ckpt_1
     assert "preemption signal: saved" in first.stderr + first.stdout
+    return first.stderr + first.stdout, second.stderr + second.stdout
 
-    # the same samples at every step on each rank; each step once over the two runs
+
+def _assert_same_samples(reference: Path, run: Path) -> None:
+    """The same samples at every step on each rank; each step once over the two runs."""
     for rank in (0, 1):
         expected = _steps(reference, rank)
         assert sorted(expected) == list(range(MAX_STEPS))
@@ -135,6 +149,13 @@ def test_preempted_ddp_run_resumes_exactly(setup, tmp_path):
         assert [line["step"] for line in lines] == list(range(MAX_STEPS))
         assert {line["step"]: line["keys"] for line in lines} == expected
         assert len({line["pid"] for line in lines}) == 2  # two processes: before and after the preemption
+
+
+def test_preempted_ddp_run_resumes_exactly(setup, reference, tmp_path):
+    run = tmp_path / "preempted"
+    _, second = _preempt_and_resume(setup, run, "ddp")
+    assert "resuming from" in second and "hpc_ckpt_1.ckpt" in second
+    _assert_same_samples(reference, run)
     # ranks see different samples; within an epoch (3 steps × 2 ranks × 8) every sample once
     r0, r1 = _steps(reference, 0), _steps(reference, 1)
     epoch0 = [k for s in range(6) for k in r0[s] + r1[s]]
@@ -149,6 +170,7 @@ def test_preempted_ddp_run_resumes_exactly(setup, tmp_path):
     for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     # throughput state: images over both ranks, carried across the resume; FLOPs counted once, in the first run
+    hpc = run / "hpc_ckpt_1.ckpt"
     speed = [ckpt["callbacks"]["ThroughputCallback"] for ckpt in (a, b, torch.load(hpc, weights_only=True))]
     assert [s["samples_seen"] for s in speed] == [MAX_STEPS * 16, MAX_STEPS * 16, 4 * 16]
     assert speed[0]["flops_per_batch"] > 0 and speed[1]["flops_per_batch"] == speed[2]["flops_per_batch"]
@@ -157,3 +179,32 @@ def test_preempted_ddp_run_resumes_exactly(setup, tmp_path):
     run_id = (run / "wandb_id.txt").read_text().strip()
     dirs = sorted((run / "wandb").glob("offline-run-*"))
     assert len(dirs) == 2 and all(d.name.endswith(run_id) for d in dirs)
+
+
+def test_preempted_fsdp_run_resumes_and_matches_ddp(setup, reference, tmp_path):
+    """strategy=fsdp: UNet, EMA and AdamW state sharded over the ranks. The preempted and resumed run sees the
+    reference's samples, and ends where DDP ends up to fp32 rounding (a lost optimizer state or EMA on resume
+    would be orders of magnitude further off), with a checkpoint of the same keys, shapes and format."""
+    run = tmp_path / "fsdp"
+    first, second = _preempt_and_resume(setup, run, "fsdp")
+    assert "FSDP: sharded CrossAttentionUNet (" in first and "over DeviceMesh" in first
+    assert "resuming from" in second and "hpc_ckpt_1.ckpt" in second
+    _assert_same_samples(reference, run)
+
+    a = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    b = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert b["global_step"] == MAX_STEPS and int(b["state_dict"]["ema.num_updates"]) == MAX_STEPS
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for name, tensor in a["state_dict"].items():
+        other = b["state_dict"][name]
+        assert type(other) is torch.Tensor and other.shape == tensor.shape, name  # whole tensors, not shards
+        torch.testing.assert_close(other, tensor, rtol=0, atol=1e-5, msg=name)
+    at_4 = torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True, map_location="cpu")["state_dict"]
+    moved = max((b["state_dict"][k] - v).abs().max() for k, v in at_4.items() if k.startswith("unet."))
+    assert moved > 1e-3  # steps 5-14 moved the weights far more than the tolerance
+    oa, ob = a["optimizer_states"][0], b["optimizer_states"][0]
+    assert [g["params"] for g in oa["param_groups"]] == [g["params"] for g in ob["param_groups"]]
+    for i, sa in oa["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ob["state"][i][k], sa[k], rtol=0, atol=1e-7)
+    assert ob["state"][0]["step"] == MAX_STEPS

@@ -172,6 +172,10 @@ class CrossAttentionUNet(nn.Module):
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
 
+    def blocks(self) -> list[nn.Module]:
+        """The input, middle and output blocks in order: the units FSDP gathers and frees one at a time."""
+        return [*self.input_blocks, self.middle_block, *self.output_blocks]
+
     def forward(
         self,
         x: Tensor,

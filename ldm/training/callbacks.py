@@ -66,15 +66,19 @@ class SampleGridCallback(L.Callback):
             self.prompts
         )
 
-    @rank_zero_only
     def make_grid(self, trainer, pl_module) -> Path | None:
+        """Rank 0 samples, saves and logs the grid. Under `strategy=fsdp` every rank samples it too: a sharded
+        UNet's forward is a collective (each block gathers its weights from all ranks)."""
         step = trainer.global_step
-        if step == self._last_step or not self.prompts:
+        sharded = hasattr(trainer.strategy, "shard")
+        if step == self._last_step or not self.prompts or not (trainer.is_global_zero or sharded):
             return self.last_grid
         self._last_step = step
         prompts = [p for p in self.prompts for _ in range(self.num_per_prompt)]
         seeds = [self.seed + i for i in range(self.num_per_prompt)] * len(self.prompts)
         images = pl_module.generate(prompts, self.sampler, self.guidance_scale, seeds, use_ema=self.use_ema)
+        if not trainer.is_global_zero:
+            return None
         grid = labelled_grid(images.cpu(), self.num_per_prompt, self.prompts)
         meta = {
             "step": step,

@@ -57,6 +57,11 @@ class DiffusionModule(LDMModuleBase):
     def trainable_module(self) -> torch.nn.Module:
         return self.unet
 
+    def sharded_networks(self) -> list[torch.nn.Module]:
+        """What `strategy=fsdp` shards: the UNet and its EMA copy (sharded alike, so the EMA update stays local
+        to each rank's shard). The frozen text encoder and autoencoder stay whole on every rank."""
+        return [self.unet, self.ema.module]
+
     # --- training -------------------------------------------------------------------------------------------
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         if not self.codec.is_calibrated:
@@ -162,6 +167,9 @@ class DiffusionModule(LDMModuleBase):
                 del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint["state_dict"]
+        self.complete_state_dict(checkpoint["state_dict"])
+
+    def complete_state_dict(self, state: dict) -> None:
+        """A checkpoint without the pretrained text encoder's weights gets this module's (loaded from its tag)."""
         if not any(k.startswith("text_encoder.") for k in state):
             state.update({f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()})

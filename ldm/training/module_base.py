@@ -6,6 +6,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from ldm.training.fsdp import full_tensor
 from ldm.training.optim import AdamWSettings
 from ldm.utils.checkpoint import BUNDLE_KEY, FORMAT_VERSION
 
@@ -29,6 +30,16 @@ class LDMModuleBase(L.LightningModule):
         """Stage-specific part of the checkpoint's self-description."""
         return {}
 
+    def configure_model(self) -> None:
+        """Under `strategy=fsdp`, shard the networks `sharded_networks()` names (ldm.training.fsdp); a no-op for
+        DDP and single-device runs."""
+        shard = getattr(self.trainer.strategy, "shard", None) if self._trainer is not None else None
+        if shard is not None:
+            shard(self)
+
+    def complete_state_dict(self, state: dict) -> None:
+        """Add, in place, what a checkpoint's `state_dict` leaves out on purpose (see DiffusionModule)."""
+
     def configure_optimizers(self):
         max_steps = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
         optimizer, scheduler = self.optim_settings.build(self.trainable_module(), max_steps)
@@ -39,7 +50,7 @@ class LDMModuleBase(L.LightningModule):
             return  # a manually optimized module logs its own norms, per optimizer
         grads = [p.grad for p in self.trainable_module().parameters() if p.grad is not None]
         if grads:  # before clipping: the norm the clip threshold is compared against
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), prog_bar=False)
+            self.log("train/grad_norm", full_tensor(torch.nn.utils.get_total_norm(grads)), prog_bar=False)
 
     def log_data_stats(self, batch: dict) -> None:
         """Samples the loader skipped (corrupt/undecodable), summed over its workers, in total and per reason."""

@@ -58,6 +58,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
     else:
         _cache_info(cfg)  # refuses cached latents as stage-1 data
     trainer_overrides, plugins = _cluster(cfg)
+    trainer_overrides.update(_strategy(cfg))
     module = build_module(cfg)
     if init is not None:
         _load_init_weights(module, init, cfg.init_from)
@@ -118,11 +119,19 @@ def _speed_callbacks(cfg: DictConfig) -> list[L.Callback]:
 
 
 def _compile(cfg: DictConfig, module: L.LightningModule) -> None:
-    """`compile=true`: torch.compile the trained network and, in stage 2 on raw images, the frozen autoencoder's
-    encoder, which then runs every step. In place: state_dict keys stay those of the plain modules."""
+    """`compile=true`: torch.compile the trained network (under `strategy=fsdp` each of its blocks) and, in stage 2
+    on raw images, the frozen autoencoder's encoder, which then runs every step. In place: state_dict keys stay
+    those of the plain modules."""
     if not cfg.get("compile"):
         return
-    module.trainable_module().compile()
+    network = module.trainable_module()
+    if cfg.get(
+        "strategy"
+    ):  # FSDP: block by block, so that each block's gather/free hooks stay outside the graph
+        for block in network.blocks():
+            block.compile(dynamic=False)
+    else:
+        network.compile()
     if stage_of(cfg) == "diffusion" and _cache_info(cfg) is None:
         module.codec.autoencoder.encoder.compile()
 
@@ -218,6 +227,17 @@ def _check_bucket_sizes(cfg: DictConfig, module: L.LightningModule) -> None:
         )
 
 
+def _strategy(cfg: DictConfig) -> dict:
+    """`strategy=fsdp` (configs/strategy/): a strategy object that replaces `trainer.strategy`."""
+    if not cfg.get("strategy"):
+        return {}
+    if stage_of(cfg) != "diffusion":
+        raise ValueError(
+            "strategy=fsdp shards the UNet of stage 2; stage 1 trains with DDP (trainer.strategy)"
+        )
+    return {"strategy": instantiate(cfg.strategy)}
+
+
 def _cluster(cfg: DictConfig) -> tuple[dict, list]:
     """Under Slurm: devices and nodes from the allocation (Lightning refuses others), and its environment
     (ranks, master address/port from the job). Requeueing is `PreemptionCallback`'s, not Lightning's."""
@@ -292,6 +312,7 @@ def _scale_lr(cfg: DictConfig, module: L.LightningModule, trainer: L.Trainer) ->
         "lr": settings.lr,
         "strategy": type(trainer.strategy).__name__,
         "precision": trainer.precision,
+        **(trainer.strategy.describe() if hasattr(trainer.strategy, "describe") else {}),
     }
 
 
