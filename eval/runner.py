@@ -111,8 +111,12 @@ class Evaluator:
         save_first: int = 0,
         metadata: dict | None = None,
         progress: bool = False,
+        collective: bool = False,
     ) -> tuple[dict, dict]:
-        """(metrics, counts) of `num_images` images made by `generate`; the same on every process."""
+        """(metrics, counts) of `num_images` images made by `generate`; the same on every process.
+
+        `collective`: every process calls `generate` equally often (a sharded model's forward is a collective
+        operation); a process with one batch fewer than the others generates a throwaway batch at the end."""
         ctx = self.ctx
         batches = plan_batches(num_images, captions.texts, seed, batch_size, ctx.rank, ctx.world_size)
         for scorer in (self.inception, self.clip):
@@ -123,6 +127,9 @@ class Evaluator:
                 self.inception.update(batch.indices, images)
             if self.clip is not None:
                 self.clip.update(images, batch.captions)
+        most = -(-(-(-num_images // batch_size)) // ctx.world_size)  # batches of the busiest process
+        if collective and len(batches) < most:
+            generate(batches[0].captions, batches[0].seeds)  # keeps the count of collective calls equal
         metrics, counts = {}, {"num_images": num_images}
         if self.inception is not None:
             m = self.inception.compute()

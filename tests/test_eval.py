@@ -201,6 +201,41 @@ def test_plan_is_independent_of_world_size():
         plan_batches(4, captions, 0, 4, rank=0, world_size=2)
 
 
+def test_collective_generation_calls_equally_often_on_every_rank():
+    """5 batches over 2 ranks: 3 and 2. Under strategy=fsdp a UNet forward is a collective, so rank 1 makes a
+    throwaway batch rather than leave rank 0's third batch waiting; its scores still count its 2 batches only."""
+    from eval.distributed import DistContext
+    from eval.generate import Captions
+    from eval.runner import Evaluator
+
+    class Scored:  # a CLIP-score stand-in that records what it was given
+        def reset(self):
+            self.seen = []
+
+        def update(self, images, captions):
+            self.seen += captions
+
+        def compute(self):
+            return torch.tensor(len(self.seen))
+
+    captions = Captions(["a", "b"], "test")
+    for rank, expected in ((0, [3, 3]), (1, [2, 3])):
+        counts = []
+        for collective in (False, True):
+            calls, scorer = [], Scored()
+            evaluator = Evaluator(None, scorer, DistContext(rank=rank, world_size=2))
+            metrics, _ = evaluator.evaluate(
+                lambda prompts, seeds, calls=calls: calls.append(seeds) or torch.zeros(len(seeds), 3, 8, 8),
+                captions,
+                num_images=10,
+                batch_size=2,
+                collective=collective,
+            )
+            counts.append(len(calls))
+            assert metrics["clip_score"] == 2 * expected[0], "only the rank's own batches are scored"
+        assert counts == expected, rank
+
+
 # --- reference statistics ------------------------------------------------------------------------------------
 def test_reference_stats_are_cached_and_keyed(shards, weights, tmp_path, monkeypatch):
     import eval.reference as reference

@@ -117,7 +117,12 @@ class EvalCallback(L.Callback):
             return pl_module.generate(prompts, self.sampler, self.guidance_scale, seeds, use_ema=self.use_ema)
 
         metrics, _ = self._evaluator.evaluate(
-            generate, self._captions, self.num_images, self.seed, self.batch_size
+            generate,
+            self._captions,
+            self.num_images,
+            self.seed,
+            self.batch_size,
+            collective=hasattr(trainer.strategy, "shard"),  # strategy=fsdp: a sharded UNet's forward
         )
         logged = {f"eval/{k}": float(v) for k, v in metrics.items() if v is not None}
         if trainer.is_global_zero:
