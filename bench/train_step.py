@@ -76,7 +76,7 @@ class Case:
     channels_last: bool = False
     compile: bool = False
     sdpa: str = "auto"  # auto | flash | efficient | cudnn | math; strict: no fallback to math
-    fused_adamw: bool | None = None  # None: on CUDA
+    fused_adamw: bool | None = None  # None: on, as in training (optim.fused: null)
     tf32: bool = True
     grad_ckpt: bool = False
     sampler: str = "ddim"  # kind "sample": a configs/sampler/ name
@@ -91,7 +91,7 @@ class Case:
         if self.bf16 is None:
             self.bf16 = dev == "cuda" and torch.cuda.is_bf16_supported()
         if self.fused_adamw is None:
-            self.fused_adamw = dev == "cuda"
+            self.fused_adamw = True
         if self.batch is None:
             self.batch = SIZES[self.size]["batch"][dev] if self.size in SIZES else 8
         return self

@@ -63,7 +63,7 @@ def test_one_training_case_end_to_end():
     result = run_case(Case(size="tiny", batch=2, iters=2, warmup=1))
     assert "error" not in result
     c = result["case"]
-    assert (c["device"], c["bf16"], c["fused_adamw"]) == ("cpu", False, False)  # CPU defaults
+    assert (c["device"], c["bf16"], c["fused_adamw"]) == ("cpu", False, True)  # CPU defaults
     assert result["params_M"] == pytest.approx(4.283012)
     assert result["images_per_s"] == pytest.approx(2 / (result["step_ms"] / 1e3))
     # on CPU the step is synchronous: the whole step is the sum of its timed parts (medians: up to rounding)

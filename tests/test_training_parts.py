@@ -68,6 +68,45 @@ def test_no_weight_decay_on_biases_and_norms():
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
 
 
+def test_fused_adamw_by_default_and_clipped_under_bf16_autocast(tmp_path):
+    """optim.fused=null: torch's fused kernel (on CPU too: docs/benchmarks.md). Lightning refuses to clip the
+    gradients of an optimizer that says it unscales them itself; ours must still clip under bf16-mixed, and equal
+    the foreach loop's step."""
+    import lightning as L
+
+    class Tiny(L.LightningModule):
+        def __init__(self, fused):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net, self.fused = nn.Linear(4, 4), fused
+
+        def training_step(self, batch, _):
+            return self.net(batch[0]).square().sum() * 100  # gradients far above the clip threshold
+
+        def configure_optimizers(self):
+            return AdamWSettings(lr=0.1, warmup_steps=1, fused=self.fused).build(self.net)[0]
+
+    assert AdamWSettings().build(nn.Linear(2, 2))[0].defaults["fused"]
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(24, 4)), batch_size=8)
+    weights = []
+    for fused in (None, False):
+        module = Tiny(fused)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            precision="bf16-mixed",
+            gradient_clip_val=0.5,
+            max_steps=3,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(module, train_dataloaders=data)
+        weights.append(module.net.weight.detach())
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-6, atol=1e-6)
+
+
 def test_atomic_save_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
     atomic_save({"step": 1}, path)

@@ -19,7 +19,7 @@ class AdamWSettings:
     warmup_steps: int = 1000
     decay: str = "constant"  # "constant" | "cosine" (to min_lr_ratio · lr at trainer.max_steps)
     min_lr_ratio: float = 0.0
-    fused: bool | None = None  # None: fused kernels on CUDA, plain on CPU
+    fused: bool | None = None  # None: torch's fused kernel where the parameters' device has one (CUDA, CPU)
 
     def __post_init__(self) -> None:
         if self.decay not in ("constant", "cosine"):
@@ -28,14 +28,22 @@ class AdamWSettings:
     def build(
         self, model: nn.Module, total_steps: int | None = None
     ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-        fused = torch.cuda.is_available() if self.fused is None else self.fused
+        groups = param_groups(model, self.weight_decay)
+        fused = self.fused
+        if fused is None:  # docs/benchmarks.md: 6.8× faster than the foreach loop for SD2's UNet on a CPU
+            devices = {p.device.type for g in groups for p in g["params"]}
+            fused = bool(devices) and devices <= {"cuda", "cpu"}
         optimizer = torch.optim.AdamW(
-            param_groups(model, self.weight_decay),
+            groups,
             lr=self.lr,
             betas=tuple(self.betas),
             eps=self.eps,
             fused=fused,
         )
+        # A fused AdamW announces that it unscales fp16 gradients itself, and Lightning then refuses gradient
+        # clipping under mixed precision (bf16 included, which has no scaler). Ours takes unscaled gradients: an
+        # fp16 GradScaler unscales them before the step (and so before clipping), bf16 and fp32 have nothing to undo.
+        optimizer._step_supports_amp_scaling = False
         if self.decay == "cosine" and not (total_steps and total_steps > 0):
             raise ValueError("optim.decay=cosine needs trainer.max_steps > 0")
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor_fn(total_steps))
