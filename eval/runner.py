@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -127,7 +128,8 @@ class Evaluator:
                 self.inception.update(batch.indices, images)
             if self.clip is not None:
                 self.clip.update(images, batch.captions)
-        most = -(-(-(-num_images // batch_size)) // ctx.world_size)  # batches of the busiest process
+        num_batches = math.ceil(num_images / batch_size)
+        most = math.ceil(num_batches / ctx.world_size)  # batches of the busiest process
         if collective and len(batches) < most:
             generate(batches[0].captions, batches[0].seeds)  # keeps the count of collective calls equal
         metrics, counts = {}, {"num_images": num_images}
