@@ -6,6 +6,7 @@ docs/benchmarks.md (machine, versions, command).
     python bench/run.py sampling     # images/s per sampler (UNet + sampler, classifier-free guidance, no decode)
     python bench/run.py diffusers    # our UNet vs diffusers.UNet2DConditionModel of the same widths (bench/diffusers_unet.py)
     python bench/run.py loader       # data-loader throughput (bench/loader.py)
+    python bench/run.py fsdp         # training state and memory per rank, DDP vs strategy=fsdp (bench/fsdp_memory.py)
     python bench/run.py all          # all of the above
     python bench/run.py <mode> --quick   # a smoke run in seconds: tiny size, 2 iterations; JSON to /tmp, no markdown
 
@@ -258,12 +259,47 @@ def mode_loader(args) -> tuple[list[dict], list[str]]:
     return [json.loads(out.read_text())], [ln for ln in proc.stdout.splitlines() if ln.startswith("|")]
 
 
+def mode_fsdp(args) -> tuple[list[dict], list[str]]:
+    """Training state and peak memory per rank, DDP against strategy=fsdp's sharding (bench/fsdp_memory.py)."""
+    from bench.fsdp_memory import run
+
+    ranks = torch.cuda.device_count() if _on_gpu() else 2
+    batch = args.batch or (1 if not _on_gpu() else 16)
+    steps = 1 if args.quick else 3
+    results = []
+    for size in args.fsdp_sizes:
+        for strategy in ("ddp", "fsdp"):
+            results.append(run(size, strategy, ranks, batch, steps, bf16=_on_gpu()))
+            r = results[-1]
+            print(f"  {size} {strategy} ×{ranks}: {r['state_gb']:.2f} GB state per rank", flush=True)
+    rows = [
+        "| size | params (M) | strategy | ranks | batch | state per rank (GB) | vs DDP | peak per rank (GB) | step ms |",
+        "|" + " --- |" * 9,
+    ]
+    ddp = {r["size"]: r for r in results if r["strategy"] == "ddp"}
+    for r in results:
+        ratio = r["state_gb"] / ddp[r["size"]]["state_gb"]
+        rows.append(
+            f"| {r['size']} | {r['params'] / 1e6:.1f} | {r['strategy']} | {r['ranks']} | {r['batch']} "
+            f"| {r['state_gb']:.2f} | **{ratio:.2f}×** | {r['peak_gb']:.2f} | {r['step_ms']:.0f} |"
+        )
+    notes = [
+        "State: parameters, gradients, AdamW moments and the EMA copy held by rank 0, tensor by tensor (a shard counts "
+        "its local part): 20 bytes per parameter under DDP. Peak: "
+        + (results[0]["peak_source"] if results else "n/a")
+        + ". Step: forward, backward, fused AdamW, EMA update; median of "
+        + f"{steps} after one untimed step."
+    ]
+    return results, rows + [""] + notes
+
+
 MODES = {
     "train": ("UNet training step", mode_train),
     "fastpaths": ("Fast paths on/off", mode_fastpaths),
     "sampling": ("Sampling images/s per sampler", mode_sampling),
     "diffusers": ("Our UNet vs diffusers UNet2DConditionModel", mode_diffusers),
     "loader": ("Data-loader throughput", mode_loader),
+    "fsdp": ("Training state per rank: DDP vs strategy=fsdp", mode_fsdp),
 }
 
 
@@ -343,6 +379,7 @@ def main() -> None:
         "--sample-sizes", default=None, help="sampling: sizes (default: tiny on CPU, sd2 on GPU)"
     )
     parser.add_argument("--diffusers-sizes", default=None, help="diffusers: sizes (default: tiny,mid)")
+    parser.add_argument("--fsdp-sizes", default=None, help="fsdp: sizes (default: mid on CPU, sd2 on GPU)")
     parser.add_argument("--batch", type=int, default=None, help="override every size's default batch")
     parser.add_argument("--iters", type=int, default=None, help="timed steps per case (default 10, quick 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3, quick 1)")
@@ -365,6 +402,7 @@ def main() -> None:
     args.fast_sizes = split(args.fast_sizes, "sd2" if gpu and not quick else "tiny")
     args.sample_sizes = split(args.sample_sizes, "sd2" if gpu and not quick else "tiny")
     args.diffusers_sizes = split(args.diffusers_sizes, "tiny" if quick else "tiny,mid")
+    args.fsdp_sizes = split(args.fsdp_sizes, "tiny" if quick else ("sd2" if gpu else "mid"))
     args.samplers = split(args.samplers, "")
     args.iters = args.iters or (2 if quick else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if quick else 3)

@@ -176,3 +176,16 @@ def test_vae_judge_on_an_identity_autoencoder_and_a_blurring_one():
     report = shape_report(blurred, specs)
     assert report["shape"] < 1.0 and sum(report["confusions"].values()) == round((1 - report["shape"]) * 36)
     assert report["shape"] == pytest.approx(np.mean(list(report["per_shape"].values())))
+
+
+def test_fsdp_bench_holds_half_the_training_state_on_each_of_two_ranks():
+    """bench/fsdp_memory.py with strategy=fsdp's plan over 2 CPU processes: rank 0 holds its half of parameters,
+    gradients, AdamW moments and EMA, against DDP's 20 bytes per parameter (4 + 4 + 8 + 4, computed here)."""
+    from bench.fsdp_memory import run
+
+    result = run("tiny", "fsdp", ranks=2, batch=2, steps=1, bf16=False, port=29619)
+    ddp_bytes = 20 * result["params"]
+    assert result["params"] == sum(p.numel() for p in CrossAttentionUNet(**unet_kwargs("tiny")).parameters())
+    # FSDP splits each tensor along dim 0 and rank 0 takes the larger part of an odd split
+    assert 0.5 <= result["state_gb"] * 2**30 / ddp_bytes < 0.52
+    assert result["step_ms"] > 0

@@ -90,7 +90,7 @@ class UNetFSDPStrategy(ModelParallelStrategy):
         """Apply the plan to `module` (a LightningModule with `sharded_networks()`); called from its
         `configure_model`, once per network however often Lightning calls that hook."""
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
 
         networks = getattr(module, "sharded_networks", None)
         if networks is None:
@@ -116,9 +116,7 @@ class UNetFSDPStrategy(ModelParallelStrategy):
         todo = [net for net in networks() if id(net) not in self._sharded]
         names = ", ".join(f"{type(net).__name__} ({len(net.blocks())} blocks)" for net in todo)
         for net in todo:
-            for block in net.blocks():
-                fully_shard(block, **kwargs)
-            fully_shard(net, **kwargs)
+            shard_network(net, **kwargs)
             self._sharded.add(id(net))
         if todo:
             log.info("FSDP: sharded %s over %s", names, mesh)
@@ -172,6 +170,16 @@ class UNetFSDPStrategy(ModelParallelStrategy):
             named = _state_by_name(optim_state, optimizer, self.model, path)
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=named, options=options)
         return checkpoint
+
+
+def shard_network(net: nn.Module, **fully_shard_kwargs) -> None:
+    """The sharding plan: each of `net.blocks()` one FSDP unit (gathered for its forward and backward, then freed),
+    `net` itself the root unit for the parameters outside the blocks."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in net.blocks():
+        fully_shard(block, **fully_shard_kwargs)
+    fully_shard(net, **fully_shard_kwargs)
 
 
 def _names_in_group_order(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
