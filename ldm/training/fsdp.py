@@ -98,6 +98,9 @@ class UNetFSDPStrategy(ModelParallelStrategy):
                 f"strategy=fsdp shards the UNet of stage 2; {type(module).__name__} has no sharding plan "
                 "(train stage 1 with the default DDP strategy)"
             )
+        todo = [net for net in networks() if id(net) not in self._sharded]
+        if not todo:
+            return
         module.to(self.root_device)  # the frozen parts stay whole; the strategy does not move them itself
         if self.hybrid and self.num_nodes > 1:
             mesh = init_device_mesh(
@@ -113,13 +116,11 @@ class UNetFSDPStrategy(ModelParallelStrategy):
             "mp_policy": MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype),
             "offload_policy": CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy(),
         }
-        todo = [net for net in networks() if id(net) not in self._sharded]
         names = ", ".join(f"{type(net).__name__} ({len(net.blocks())} blocks)" for net in todo)
         for net in todo:
             shard_network(net, **kwargs)
             self._sharded.add(id(net))
-        if todo:
-            log.info("FSDP: sharded %s over %s", names, mesh)
+        log.info("FSDP: sharded %s over %s", names, mesh)
 
     # --- checkpoints --------------------------------------------------------------------------------------------
     def optimizer_state(self, optimizer) -> dict[str, Any]:
