@@ -94,11 +94,10 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: Path) -> None:
             torch.cuda.synchronize()
         if i:
             times.append(time.perf_counter() - start)
-        if i < args.steps:
-            state = sum(_local_bytes(p) + _local_bytes(p.grad) for p in unet.parameters())
-            state += sum(_local_bytes(v) for s in optimizer.state.values() for v in s.values() if v.ndim)
-            state += sum(_local_bytes(p) for p in ema.parameters())
-            optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as in training
+        optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as in training
+    state = sum(_local_bytes(p) + _local_bytes(p.grad) for p in unet.parameters())
+    state += sum(_local_bytes(v) for s in optimizer.state.values() for v in s.values() if v.ndim)
+    state += sum(_local_bytes(p) for p in ema.parameters())
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else _rss_gb() - base
     if rank == 0:
         params = sum(p.numel() for p in CrossAttentionUNet(**unet_kwargs(args.size)).parameters())

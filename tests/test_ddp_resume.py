@@ -57,10 +57,10 @@ def _command(setup, run_dir: Path, hold_at: int | None = None, strategy: str = "
         "data.resampled=false",  # one epoch = 24 samples per worker: 3 batches; epochs roll over
         "data.num_workers=2",
         "data.persistent_workers=false",
+        # under FSDP: one grid at the end, sampled by both ranks with the sharded EMA
         *(
             ["callbacks.sample_grid=null"]
-            if strategy
-            == "ddp"  # under FSDP: one grid at the end, sampled by both ranks with the sharded EMA
+            if strategy == "ddp"
             else [
                 "callbacks.sample_grid.every_n_steps=0",
                 "callbacks.sample_grid.num_per_prompt=1",
@@ -142,9 +142,8 @@ def _preempt_and_resume(setup, run: Path, strategy: str) -> tuple[str, str]:
     assert hpc.is_file()
     stopped_at = torch.load(hpc, weights_only=True, map_location="cpu")["global_step"]
     assert stopped_at == 4, "the signal lands after step 3 (the run holds there for it)"
-    second = _run(
-        setup, run, strategy=strategy
-    )  # the same command, the same run dir: resumes from hpc_ckpt_1
+    # the same command, the same run dir: resumes from hpc_ckpt_1
+    second = _run(setup, run, strategy=strategy)
     assert "preemption signal: saved" in first.stderr + first.stdout
     return first.stderr + first.stdout, second.stderr + second.stdout
 

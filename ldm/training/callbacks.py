@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from ldm.training.fsdp import is_sharded
 from ldm.utils.images import labelled_grid, save_png
 
 
@@ -70,8 +71,8 @@ class SampleGridCallback(L.Callback):
         """Rank 0 samples, saves and logs the grid. Under `strategy=fsdp` every rank samples it too: a sharded
         UNet's forward is a collective (each block gathers its weights from all ranks)."""
         step = trainer.global_step
-        sharded = hasattr(trainer.strategy, "shard")
-        if step == self._last_step or not self.prompts or not (trainer.is_global_zero or sharded):
+        samples_here = trainer.is_global_zero or is_sharded(trainer.strategy)
+        if step == self._last_step or not self.prompts or not samples_here:
             return self.last_grid
         self._last_step = step
         prompts = [p for p in self.prompts for _ in range(self.num_per_prompt)]

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from ldm.training.fsdp import is_sharded
+
 
 class EvalCallback(L.Callback):
     def __init__(
@@ -122,7 +124,7 @@ class EvalCallback(L.Callback):
             self.num_images,
             self.seed,
             self.batch_size,
-            collective=hasattr(trainer.strategy, "shard"),  # strategy=fsdp: a sharded UNet's forward
+            collective=is_sharded(trainer.strategy),
         )
         logged = {f"eval/{k}": float(v) for k, v in metrics.items() if v is not None}
         if trainer.is_global_zero:

@@ -158,10 +158,8 @@ class UNetFSDPStrategy(ModelParallelStrategy):
         checkpoint = self.checkpoint_io.load_checkpoint(path)
         module = self.lightning_module
         state = checkpoint["state_dict"]
-        if hasattr(module, "complete_state_dict"):
-            module.complete_state_dict(
-                state
-            )  # keys a checkpoint leaves out on purpose (a pretrained encoder)
+        # keys a checkpoint leaves out on purpose (a pretrained text encoder) come from the module
+        module.complete_state_dict(state)
         options = StateDictOptions(full_state_dict=True, strict=module.strict_loading)
         set_model_state_dict(self.model, state, options=options)
         saved = checkpoint.get("optimizer_states", [])
@@ -191,19 +189,23 @@ def _names_in_group_order(model: nn.Module, optimizer: torch.optim.Optimizer) ->
 def _state_by_name(saved: dict, optimizer: torch.optim.Optimizer, model: nn.Module, path: Path) -> dict:
     """An `Optimizer.state_dict()` (numbered parameters) keyed by parameter name instead, matching the saved
     groups to this optimizer's groups by position, as `Optimizer.load_state_dict` does."""
-    names = _names_in_group_order(model, optimizer)
+    saved_sizes = [len(g["params"]) for g in saved["param_groups"]]
+    own_sizes = [len(g["params"]) for g in optimizer.param_groups]
+    if saved_sizes != own_sizes:
+        raise ValueError(
+            f"{path}: optimizer parameter groups of sizes {saved_sizes}; this run's are {own_sizes}"
+        )
     ids = [i for group in saved["param_groups"] for i in group["params"]]
-    sizes = (
-        [len(g["params"]) for g in saved["param_groups"]],
-        [len(g["params"]) for g in optimizer.param_groups],
-    )
-    if sizes[0] != sizes[1]:
-        raise ValueError(f"{path}: optimizer parameter groups of sizes {sizes[0]}; this run's are {sizes[1]}")
-    by_id = dict(zip(ids, names, strict=True))
+    by_id = dict(zip(ids, _names_in_group_order(model, optimizer), strict=True))
     return {
         "state": {by_id[i]: value for i, value in saved["state"].items()},
         "param_groups": [{**g, "params": [by_id[i] for i in g["params"]]} for g in saved["param_groups"]],
     }
+
+
+def is_sharded(strategy) -> bool:
+    """Whether the UNet's forward is a collective (every rank must call it): `strategy=fsdp`."""
+    return isinstance(strategy, UNetFSDPStrategy)
 
 
 def full_tensor(x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from ldm.training.fsdp import full_tensor
+from ldm.training.fsdp import full_tensor, is_sharded
 from ldm.training.optim import AdamWSettings
 from ldm.utils.checkpoint import BUNDLE_KEY, FORMAT_VERSION
 
@@ -33,9 +33,8 @@ class LDMModuleBase(L.LightningModule):
     def configure_model(self) -> None:
         """Under `strategy=fsdp`, shard the networks `sharded_networks()` names (ldm.training.fsdp); a no-op for
         DDP and single-device runs."""
-        shard = getattr(self.trainer.strategy, "shard", None) if self._trainer is not None else None
-        if shard is not None:
-            shard(self)
+        if self._trainer is not None and is_sharded(self.trainer.strategy):
+            self.trainer.strategy.shard(self)
 
     def complete_state_dict(self, state: dict) -> None:
         """Add, in place, what a checkpoint's `state_dict` leaves out on purpose (see DiffusionModule)."""

@@ -22,6 +22,7 @@ from ldm.data.latents import read_cache_info
 from ldm.inference import LatentCodec
 from ldm.training.checkpoint_io import AtomicCheckpointIO
 from ldm.training.fast_paths import FastPathsCallback
+from ldm.training.fsdp import is_sharded
 from ldm.training.resume import ExactResumeCallback, PreemptionCallback
 from ldm.training.throughput import ThroughputCallback
 from ldm.utils.checkpoint import load_bundle, submodule_state
@@ -125,9 +126,8 @@ def _compile(cfg: DictConfig, module: L.LightningModule) -> None:
     if not cfg.get("compile"):
         return
     network = module.trainable_module()
-    if cfg.get(
-        "strategy"
-    ):  # FSDP: block by block, so that each block's gather/free hooks stay outside the graph
+    if cfg.get("strategy"):
+        # FSDP: block by block, so that each block's gather/free hooks stay outside the compiled graphs
         for block in network.blocks():
             block.compile(dynamic=False)
     else:
@@ -312,7 +312,7 @@ def _scale_lr(cfg: DictConfig, module: L.LightningModule, trainer: L.Trainer) ->
         "lr": settings.lr,
         "strategy": type(trainer.strategy).__name__,
         "precision": trainer.precision,
-        **(trainer.strategy.describe() if hasattr(trainer.strategy, "describe") else {}),
+        **(trainer.strategy.describe() if is_sharded(trainer.strategy) else {}),
     }
 
 
