@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
+# cache the bytecode of whatever the run imports beyond set-up's list (see setup.sh)
+unset PYTHONDONTWRITEBYTECODE
 exec .venv/bin/python scripts/quickstart.py "$@"

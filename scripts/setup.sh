@@ -20,5 +20,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "set-up failed; the whole pip log is in $log" >&2
     exit 1
   fi
+  # Compile once what every entry point imports (torch, lightning, open_clip, hydra, ...; ~15 s). Without this, a
+  # shell with PYTHONDONTWRITEBYTECODE=1 (common in container images) recompiles it in every process: a train.py
+  # start took 15 s instead of 7.6 s on a 2-core machine. Reading cached bytecode is allowed under that setting.
+  env -u PYTHONDONTWRITEBYTECODE .venv/bin/python -c \
+    "import ldm.training.run, ldm.inference, ldm.sampling, eval.runner, wandb, torch.distributed.fsdp" >>"$log" 2>&1 || true
   touch "$stamp"
 fi
