@@ -8,6 +8,7 @@ docs/benchmarks.md (machine, versions, command).
     python bench/run.py loader       # data-loader throughput (bench/loader.py)
     python bench/run.py fsdp         # training state and memory per rank, DDP vs strategy=fsdp (bench/fsdp_memory.py)
     python bench/run.py all          # all of the above
+    python bench/run.py lease --budget 420   # a GPU lease's run: the SD2-size cases first, whatever fits the budget
     python bench/run.py <mode> --quick   # a smoke run in seconds: tiny size, 2 iterations; JSON to /tmp, no markdown
 
 Sizes (bench/train_step.py SIZES): tiny (the CPU quickstart's 4.3M UNet, 8×8 latents), mid (SD2 layout at 192
@@ -39,8 +40,18 @@ SAMPLERS = ("ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_ka
 SDPA = ("flash", "efficient", "cudnn", "math")
 
 
+NOT_RUN = "not run: --budget spent"
+_deadline: float | None = None  # time.monotonic() past which spawn() starts no case (--budget)
+
+
 def spawn(case: dict, timeout: float = 3600) -> dict:
-    """One case of bench/train_step.py in a fresh process; its JSON result (or the error it died of)."""
+    """One case of bench/train_step.py in a fresh process; its JSON result (or the error it died of).
+    Under --budget a case gets at most the time left, and none when under 20 s is left."""
+    if _deadline is not None:
+        left = _deadline - time.monotonic()
+        if left < 20:
+            return {"case": case, "error": NOT_RUN}
+        timeout = min(timeout, left)
     cmd = [sys.executable, str(ROOT / "bench" / "train_step.py"), json.dumps(case)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -117,8 +128,10 @@ def fast_path_variants(gpu: bool, with_compile: bool) -> list[tuple[str, dict]]:
         ("TF32 off", {"tf32": False}),
         ("gradient checkpointing", {"grad_ckpt": True}),
     ]
-    if with_compile:
-        variants += [
+    if (
+        with_compile
+    ):  # right after the defaults: on a GPU the biggest open question, so it runs first under --budget
+        variants[1:1] = [
             ("torch.compile", {"compile": True}),
             ("compile + channels_last", {"compile": True, "channels_last": True}),
         ]
@@ -139,14 +152,29 @@ def max_batch(args, size: str, grad_ckpt: bool) -> dict:
     return spawn({**_base(args, size), "batch": fits, "grad_ckpt": grad_ckpt, "label": label})
 
 
+def _faster_than_defaults(results: list[dict], size: str, label: str) -> bool:
+    rate = {r["case"]["label"]: r.get("images_per_s", 0.0) for r in results if r["case"]["size"] == size}
+    return rate.get(label, 0.0) > rate.get("defaults", float("inf"))
+
+
 def mode_fastpaths(args) -> tuple[list[dict], list[str]]:
     gpu = _on_gpu()
+    search = gpu and not args.quick  # the largest batch that fits: only where memory is the limit
     results = []
     for size in args.fast_sizes:
-        for label, overrides in fast_path_variants(gpu, args.compile or (gpu and not args.quick)):
+        (defaults, _), *variants = fast_path_variants(gpu, args.compile or search)
+        results.append(spawn({**_base(args, size), "label": defaults}))
+        largest = max_batch(args, size, grad_ckpt=False) if search else {"error": "no search"}
+        if search:  # issue 8's headline figure (SD2 at 256 px, the largest batch) before the variants
+            results.append(largest)
+        for label, overrides in variants:
             results.append(spawn({**_base(args, size), **overrides, "label": label}))
-        if gpu and not args.quick:
-            results += [max_batch(args, size, ckpt) for ckpt in (False, True)]
+        if "error" not in largest and _faster_than_defaults(results, size, "torch.compile"):
+            # the best this GPU does: compiled at the largest eager batch (compiling needs no more memory)
+            label = "largest batch + torch.compile"
+            results.append(spawn({**largest["case"], "compile": True, "label": label}))
+        if search:
+            results.append(max_batch(args, size, grad_ckpt=True))
         if gpu or args.encode:  # the VAE encoder of runs on raw images (CPU: slow, only with --encode)
             for label, overrides in (
                 ("VAE encode (kl_f8, 256 px)", {}),
@@ -369,7 +397,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("mode", choices=[*MODES, "all"])
+    parser.add_argument("mode", choices=[*MODES, "all", "lease"])
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds: start no case after this (a GPU lease); lease mode: SD2 train, fastpaths, sampling in order",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny, 2 iterations, JSON to /tmp")
     parser.add_argument("--sizes", default=None, help="train: comma-separated sizes (tiny, mid, sd2)")
     parser.add_argument(
@@ -396,8 +430,14 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    gpu, quick = _on_gpu(), args.quick
+    gpu, quick, lease = _on_gpu(), args.quick, args.mode == "lease"
+    if args.budget is not None:
+        global _deadline
+        _deadline = time.monotonic() + args.budget
     split = lambda s, d: (s or d).split(",")  # noqa: E731
+    if lease:  # the figures a short GPU lease is for, the SD2-size UNet's first (docs/benchmarks.md)
+        args.sizes = args.sizes or ("tiny" if quick else "sd2")
+        args.samplers = "ddim,dpmpp_2m" if args.samplers == ",".join(SAMPLERS) else args.samplers
     args.sizes = split(args.sizes, "tiny" if quick else ("tiny,mid,sd2" if gpu else "tiny,mid"))
     args.fast_sizes = split(args.fast_sizes, "sd2" if gpu and not quick else "tiny")
     args.sample_sizes = split(args.sample_sizes, "sd2" if gpu and not quick else "tiny")
@@ -416,7 +456,8 @@ def main() -> None:
     args.cpu_peak = {} if gpu else {dtype: cpu_matmul_tflops(dtype) for dtype in ("fp32", "bf16")}
     meta = {**machine(), "cpu_matmul_peak_tflops": args.cpu_peak or None}
     command = "python bench/run.py " + " ".join(sys.argv[1:])
-    for name in MODES if args.mode == "all" else [args.mode]:
+    names = {"all": list(MODES), "lease": ["train", "fastpaths", "sampling"]}.get(args.mode, [args.mode])
+    for name in names:
         title, run = MODES[name]
         print(f"{name}:", flush=True)
         results, lines = run(args)

@@ -4,6 +4,7 @@ twin's architecture, the entry point's JSON and markdown, and the dashboard plot
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -133,6 +134,26 @@ def test_entry_point_writes_json_and_a_markdown_table(tmp_path):
     assert "`python bench/run.py train --quick" in text
     row = next(line for line in text.splitlines() if line.startswith("| tiny |"))
     assert f"**{result['images_per_s']:.2f}**" in row and row.count("|") == 15
+
+
+def test_budget_caps_each_case_and_starts_none_past_it(monkeypatch):
+    import bench.run as bench_run
+
+    timeouts = []
+
+    def time_out(cmd, timeout, **kwargs):  # stands in for the case's process: records the limit it was given
+        timeouts.append(timeout)
+        raise subprocess.TimeoutExpired(cmd, timeout)
+
+    monkeypatch.setattr(bench_run.subprocess, "run", time_out)
+    monkeypatch.setattr(bench_run, "_deadline", time.monotonic() + 100)
+    assert "timed out after" in bench_run.spawn({"size": "tiny"})["error"]
+    assert len(timeouts) == 1 and 90 < timeouts[0] <= 100  # the time left, not the 3600 s default
+    monkeypatch.setattr(bench_run, "_deadline", time.monotonic() + 10)
+    assert bench_run.spawn({"size": "tiny"})["error"] == bench_run.NOT_RUN and len(timeouts) == 1
+    # under a budget the open question on a GPU comes first: compile, right after the defaults
+    labels = [label for label, _ in bench_run.fast_path_variants(gpu=False, with_compile=True)]
+    assert labels[:3] == ["defaults", "torch.compile", "compile + channels_last"]
 
 
 def test_sizes_are_the_documented_ones():
