@@ -37,9 +37,12 @@ def default_micro_conditioning(batch: int, height: int, width: int, device=None)
     return micro_conditioning(size, torch.zeros_like(size))
 
 
-class EmbedSequential(nn.ModuleList):
+class EmbedSequential(nn.Sequential):
     """Runs its layers in order, giving each the inputs it takes: ResnetBlock gets the timestep
-    embedding, SpatialTransformer the context; optionally each of those under activation checkpointing."""
+    embedding, SpatialTransformer the context; optionally each of those under activation checkpointing.
+
+    A Sequential rather than a ModuleList (same state-dict keys): torch 2.11's FSDP2 refuses any ModuleList as a
+    unit, even one with its own forward (2.14 accepts one that has it)."""
 
     def forward(
         self,
@@ -131,7 +134,7 @@ class CrossAttentionUNet(nn.Module):
         )
 
         self.input_blocks = nn.ModuleList(
-            [EmbedSequential([nn.Conv2d(in_channels, model_channels, 3, padding=1)])]
+            [EmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
         )
         skip_channels = [model_channels]
         ch, ds = model_channels, 1
@@ -141,14 +144,14 @@ class CrossAttentionUNet(nn.Module):
                 ch = mult * model_channels
                 if ds in attention_resolutions:
                     layers.append(transformer(ch))
-                self.input_blocks.append(EmbedSequential(layers))
+                self.input_blocks.append(EmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
-                self.input_blocks.append(EmbedSequential([Downsample(ch)]))
+                self.input_blocks.append(EmbedSequential(Downsample(ch)))
                 skip_channels.append(ch)
                 ds *= 2
 
-        self.middle_block = EmbedSequential([res_block(ch, ch), transformer(ch), res_block(ch, ch)])
+        self.middle_block = EmbedSequential(res_block(ch, ch), transformer(ch), res_block(ch, ch))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -160,7 +163,7 @@ class CrossAttentionUNet(nn.Module):
                 if level and i == num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
-                self.output_blocks.append(EmbedSequential(layers))
+                self.output_blocks.append(EmbedSequential(*layers))
 
         self.out = nn.Sequential(
             group_norm(ch, num_groups, _UNET_NORM_EPS),
