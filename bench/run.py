@@ -138,9 +138,10 @@ def fast_path_variants(gpu: bool, with_compile: bool) -> list[tuple[str, dict]]:
     return variants
 
 
-def max_batch(args, size: str, grad_ckpt: bool) -> dict:
-    """Largest power-of-two batch (from the size's default up) whose training step fits, then timed at it."""
-    batch, fits = SIZES[size]["batch"]["cuda"], None
+def max_batch(args, size: str, grad_ckpt: bool, fits: int | None = None) -> dict:
+    """Largest power-of-two batch (from the size's default up, or above `fits`, a batch known to fit) whose
+    training step fits, then timed at it."""
+    batch = 2 * fits if fits else SIZES[size]["batch"]["cuda"]
     while batch <= 4096:
         probe = spawn({**_base(args, size), "batch": batch, "iters": 2, "warmup": 1, "grad_ckpt": grad_ckpt})
         if "error" in probe:
@@ -164,7 +165,8 @@ def mode_fastpaths(args) -> tuple[list[dict], list[str]]:
     for size in args.fast_sizes:
         (defaults, _), *variants = fast_path_variants(gpu, args.compile or search)
         results.append(spawn({**_base(args, size), "label": defaults}))
-        largest = max_batch(args, size, grad_ckpt=False) if search else {"error": "no search"}
+        fits = None if "error" in results[-1] else results[-1]["case"]["batch"]
+        largest = max_batch(args, size, False, fits) if search else {"error": "no search"}
         if search:  # issue 8's headline figure (SD2 at 256 px, the largest batch) before the variants
             results.append(largest)
         for label, overrides in variants:
@@ -444,8 +446,8 @@ def main() -> None:
     args.diffusers_sizes = split(args.diffusers_sizes, "tiny" if quick else "tiny,mid")
     args.fsdp_sizes = split(args.fsdp_sizes, "tiny" if quick else ("sd2" if gpu else "mid"))
     args.samplers = split(args.samplers, "")
-    args.iters = args.iters or (2 if quick else 10)
-    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 3)
+    args.iters = args.iters or (2 if quick else (5 if lease else 10))
+    args.warmup = args.warmup if args.warmup is not None else (1 if quick else (2 if lease else 3))
     args.steps = args.steps or (2 if quick else 20)
     default_dir = Path(tempfile.gettempdir()) / "ldm-bench" if quick else ROOT / "bench" / "results"
     args.json_dir = Path(args.json_dir) if args.json_dir else default_dir

@@ -232,9 +232,10 @@ def run_train(case: Case, device: torch.device) -> dict:
     memory = Memory(device)
     memory.start()
     torch.manual_seed(0)
-    unet = CrossAttentionUNet(**{**unet_kwargs(case.size), "gradient_checkpointing": case.grad_ckpt}).to(
+    with (
         device
-    )
+    ):  # initialised where it runs: the SD2-size UNet's CPU init is seconds a GPU case need not spend
+        unet = CrossAttentionUNet(**{**unet_kwargs(case.size), "gradient_checkpointing": case.grad_ckpt})
     x, t, context, target = make_inputs(case.size, case.batch, device)
     if case.channels_last:
         to_channels_last(unet)
