@@ -107,7 +107,7 @@ def numpy_fid(f1: np.ndarray, f2: np.ndarray) -> float:
     """The reference computation of pytorch-fid / TTUR: scipy's sqrtm of Σ1 Σ2, float64 throughout."""
     mu1, mu2 = f1.mean(0), f2.mean(0)
     s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    covmean, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2)  # (scipy 1.18 removed the `disp` argument)
     if not np.isfinite(covmean).all():
         offset = np.eye(len(s1)) * 1e-6
         covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
@@ -433,8 +433,10 @@ def test_two_processes_give_the_one_process_numbers(trained, shards, weights, tm
     one = json.loads((sweep / "result_cfg3.json").read_text())
     assert two["run"]["world_size"] == 2 and one["run"]["world_size"] == 1
     for key, value in one["metrics"].items():
-        # the same up to float32 rounding of the features (1 vs 2 threads, other batch shapes in the convolutions)
-        assert two["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+        # the same up to float32 rounding of the features (1 vs 2 threads, other batch shapes in the convolutions),
+        # which KID's spread over subsets magnifies: 1.6e-6 relative on torch 2.11. One image left out or counted
+        # twice moves every metric by orders of magnitude more.
+        assert two["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
     fresh = load_reference(next(tmp_path.glob("fid_reference_*.npz")))
     cached = load_reference(next(Path(weights["cache"]).glob("fid_reference_*.npz")))
     np.testing.assert_allclose(fresh.features, cached.features, rtol=0, atol=1e-6)
