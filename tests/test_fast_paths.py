@@ -234,3 +234,32 @@ def test_gpu_memory_and_mfu_panels(synthetic_shards, vae_ckpt, tmp_path):
     assert rows and all(0 < float(r["perf/gpu_mem_gb"]) <= float(r["perf/gpu_mem_reserved_gb"]) for r in rows)
     if device_peak_tflops(torch.cuda.get_device_name()) is not None:
         assert all(0 < float(r["perf/mfu"]) < 1 for r in rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fsdp_compiled_with_bf16_weights_trains_on_a_gpu(synthetic_shards, vae_ckpt, tmp_path):
+    """The GPU-only combination no CPU test reaches: FSDP2 over NCCL, bf16 gathered weights, per-block
+    torch.compile (inductor's Triton kernels), bf16-mixed with fused AdamW and clipping; one checkpoint file."""
+    from ldm.training.run import train
+
+    cfg = compose_train(
+        "experiment=tiny",
+        f"data.train_urls={Path(synthetic_shards[0]).parent}",
+        f"autoencoder_ckpt={vae_ckpt}",
+        "strategy=fsdp",
+        "strategy.param_dtype=bf16",
+        "compile=true",
+        "trainer.max_steps=3",
+        "logger=csv",
+        "callbacks.sample_grid=null",
+        *FAST,
+        run_dir=str(tmp_path),
+    )
+    result = train(cfg)
+    (metrics_file,) = tmp_path.glob("**/metrics.csv")
+    losses = [float(r["train/loss"]) for r in csv.DictReader(metrics_file.open()) if r.get("train/loss")]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    checkpoint = torch.load(result["checkpoint"], map_location="cpu", weights_only=True)
+    unet = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("unet.")}
+    assert unet and all(v.dtype == torch.float32 and v.device.type == "cpu" for v in unet.values())
