@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up: .venv with ldm (editable), its pinned dependencies and the test tools.
-# Re-runs are fast: pip runs again only when pyproject.toml changed.
+# Versions: constraints.txt, the ones the tests last passed with. Re-runs are fast: pip runs again only when
+# pyproject.toml or constraints.txt changed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
@@ -10,12 +11,12 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.ldm-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   echo "setting up .venv (torch, lightning, open_clip, webdataset, wandb …; about a minute)"
   log=.venv/pip-install.log  # pip's output goes here; shown only if the install fails
   # --no-compile: Python compiles only the modules it imports, on first import, instead of pip compiling all of
   # torch's tree up front (~15 s of CPU on 2 cores)
-  if ! .venv/bin/python -m pip install --disable-pip-version-check --no-compile -e ".[dev]" >"$log" 2>&1; then
+  if ! .venv/bin/python -m pip install --disable-pip-version-check --no-compile -c constraints.txt -e ".[dev]" >"$log" 2>&1; then
     tail -n 40 "$log" >&2
     echo "set-up failed; the whole pip log is in $log" >&2
     exit 1
