@@ -128,9 +128,8 @@ def fast_path_variants(gpu: bool, with_compile: bool) -> list[tuple[str, dict]]:
         ("TF32 off", {"tf32": False}),
         ("gradient checkpointing", {"grad_ckpt": True}),
     ]
-    if (
-        with_compile
-    ):  # right after the defaults: on a GPU the biggest open question, so it runs first under --budget
+    if with_compile:
+        # right after the defaults: on a GPU the biggest open question, so it runs first under --budget
         variants[1:1] = [
             ("torch.compile", {"compile": True}),
             ("compile + channels_last", {"compile": True, "channels_last": True}),
@@ -166,12 +165,12 @@ def mode_fastpaths(args) -> tuple[list[dict], list[str]]:
         (defaults, _), *variants = fast_path_variants(gpu, args.compile or search)
         results.append(spawn({**_base(args, size), "label": defaults}))
         fits = None if "error" in results[-1] else results[-1]["case"]["batch"]
-        largest = max_batch(args, size, False, fits) if search else {"error": "no search"}
-        if search:  # issue 8's headline figure (SD2 at 256 px, the largest batch) before the variants
+        largest = max_batch(args, size, False, fits) if search else None
+        if largest is not None:  # issue 8's headline (SD2, 256 px, the largest batch) before the variants
             results.append(largest)
         for label, overrides in variants:
             results.append(spawn({**_base(args, size), **overrides, "label": label}))
-        if "error" not in largest and _faster_than_defaults(results, size, "torch.compile"):
+        if largest and "error" not in largest and _faster_than_defaults(results, size, "torch.compile"):
             # the best this GPU does: compiled at the largest eager batch (compiling needs no more memory)
             label = "largest batch + torch.compile"
             results.append(spawn({**largest["case"], "compile": True, "label": label}))
