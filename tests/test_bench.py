@@ -169,12 +169,25 @@ def test_gpu_plan_finds_the_largest_batch_first_and_compiles_at_it(monkeypatch):
         if case["batch"] > (1024 if case["grad_ckpt"] else 256):
             return {"case": case, "error": "out of memory"}
         speed = case["batch"] * (2.0 if case["compile"] else 1.0)
-        return {"case": case, "images_per_s": speed, "tflops": 1.0, "mfu": 0.5, "peak_mem_gb": case["batch"] / 64}
+        return {
+            "case": case,
+            "images_per_s": speed,
+            "tflops": 1.0,
+            "mfu": 0.5,
+            "peak_mem_gb": case["batch"] / 64,
+        }
 
     monkeypatch.setattr(bench_run, "spawn", case_process)
     monkeypatch.setattr(bench_run, "_on_gpu", lambda: True)
     args = argparse.Namespace(
-        fast_sizes=["sd2"], quick=False, compile=False, encode=False, batch=None, iters=5, warmup=2, cpu_peak={}
+        fast_sizes=["sd2"],
+        quick=False,
+        compile=False,
+        encode=False,
+        batch=None,
+        iters=5,
+        warmup=2,
+        cpu_peak={},
     )
     results, rows = bench_run.mode_fastpaths(args)
     ran = [(r["case"]["label"], r["case"]["batch"]) for r in results if r["case"]["kind"] == "train"]
@@ -184,7 +197,10 @@ def test_gpu_plan_finds_the_largest_batch_first_and_compiles_at_it(monkeypatch):
         ("torch.compile", 64),
         ("compile + channels_last", 64),
     ]
-    assert ran[-2:] == [("largest batch + torch.compile", 256), ("largest batch + gradient checkpointing", 1024)]
+    assert ran[-2:] == [
+        ("largest batch + torch.compile", 256),
+        ("largest batch + gradient checkpointing", 1024),
+    ]
     best = next(r for r in results if r["case"]["label"] == "largest batch + torch.compile")
     assert best["case"]["compile"] and not best["case"]["grad_ckpt"]
     assert "| sd2 | largest batch + torch.compile | 256 | 512.00 | **8.00×** |" in "\n".join(rows)
