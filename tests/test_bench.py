@@ -156,6 +156,27 @@ def test_budget_caps_each_case_and_starts_none_past_it(monkeypatch):
     assert labels[:3] == ["defaults", "torch.compile", "compile + channels_last"]
 
 
+def test_lease_mode_writes_its_three_tables_even_with_no_time_left(tmp_path):
+    """A lease killed by its budget still leaves JSON and markdown for what it ran, and says what it did not run."""
+    md = tmp_path / "lease.md"
+    cmd = [sys.executable, "bench/run.py", "lease", "--quick", "--budget", "0"]
+    cmd += ["--json-dir", str(tmp_path), "--markdown", str(md)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for mode in ("train", "fastpaths", "sampling"):
+        results = json.loads((tmp_path / f"{mode}.json").read_text())["results"]
+        assert results and all(r["error"] == "not run: --budget spent" for r in results), mode
+    samplers = json.loads((tmp_path / "sampling.json").read_text())["results"]
+    assert [r["case"]["sampler"] for r in samplers] == ["ddim", "dpmpp_2m"]
+    from bench.run import fast_path_variants
+
+    cases = (
+        1 + len(fast_path_variants(gpu=False, with_compile=False)) + len(samplers)
+    )  # train, fast paths, sampling
+    text = md.read_text()
+    assert text.count("### ") == 3 and text.count("not run: --budget spent") == cases
+
+
 def test_gpu_plan_finds_the_largest_batch_first_and_compiles_at_it(monkeypatch):
     """The GPU fast-path plan's control flow, against a stand-in for the case processes (no GPU here): a card where
     batch 256 fits (1024 with checkpointing) and compile doubles the speed."""
