@@ -170,9 +170,8 @@ def test_lease_mode_writes_its_three_tables_even_with_no_time_left(tmp_path):
     assert [r["case"]["sampler"] for r in samplers] == ["ddim", "dpmpp_2m"]
     from bench.run import fast_path_variants
 
-    cases = (
-        1 + len(fast_path_variants(gpu=False, with_compile=False)) + len(samplers)
-    )  # train, fast paths, sampling
+    # one train case, the CPU fast paths, the samplers
+    cases = 1 + len(fast_path_variants(gpu=False, with_compile=False)) + len(samplers)
     text = md.read_text()
     assert text.count("### ") == 3 and text.count("not run: --budget spent") == cases
 
