@@ -2,11 +2,12 @@
 # A GPU lease's whole job in one command that ends inside BUDGET seconds (default 480): these sessions get
 # 15 device-minutes, machine start included. docs/benchmarks.md ("Running on a GPU") says how to call it:
 #   here, once:  bash bench/gpu_wheels.sh                  # packages the GPU image lacks, as wheels in .whl/
-#   there:       bash bench/gpu_lease.sh                   # device tool: carry [".whl"], timeout_s 600
+#   there:       bash bench/gpu_lease.sh                   # device tool: carry [".whl"], timeout_s 560
 # 1. the CUDA tests (the real Lightning trainer on the GPU: bf16-mixed, fused AdamW with clipping, the memory and
-#    MFU panels; strategy=fsdp over NCCL with bf16 weights and per-block compile); 2. `bench/run.py lease` with the time left: SD2-size UNet at 256 px, bf16: training step, the
-#    largest batch that fits, each fast path flipped, compile at the largest batch, sampling. Results (JSON, the
-#    markdown tables, logs) go to $OUT (default /tmp/ldm-lease).
+#    MFU panels; strategy=fsdp over NCCL with bf16 weights and per-block compile);
+# 2. `bench/run.py lease` with the time left: SD2-size UNet at 256 px, bf16: training step, the largest batch that
+#    fits, each fast path flipped, compile at the largest batch, sampling.
+# Results (JSON, the markdown tables, logs) go to $OUT (default /tmp/ldm-lease).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/ldm-lease}

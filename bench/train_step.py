@@ -232,9 +232,8 @@ def run_train(case: Case, device: torch.device) -> dict:
     memory = Memory(device)
     memory.start()
     torch.manual_seed(0)
-    with (
-        device
-    ):  # initialised where it runs: the SD2-size UNet's CPU init is seconds a GPU case need not spend
+    # initialised where it runs: the SD2-size UNet's CPU init is seconds a GPU case need not spend
+    with device:
         unet = CrossAttentionUNet(**{**unet_kwargs(case.size), "gradient_checkpointing": case.grad_ckpt})
     x, t, context, target = make_inputs(case.size, case.batch, device)
     if case.channels_last:

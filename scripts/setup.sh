@@ -14,17 +14,18 @@ stamp=.venv/.ldm-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   echo "setting up .venv (torch, lightning, open_clip, webdataset, wandb …; about a minute)"
   log=.venv/pip-install.log  # pip's output goes here; shown only if the install fails
-  # --no-compile: Python compiles only the modules it imports, on first import, instead of pip compiling all of
-  # torch's tree up front (~15 s of CPU on 2 cores)
-  if ! .venv/bin/python -m pip install --disable-pip-version-check --no-compile -c constraints.txt -e ".[dev]" >"$log" 2>&1; then
+  # --no-compile: bytecode only for the modules something imports (below, and on first import) instead of pip
+  # compiling all of torch's tree up front (~15 s of CPU on 2 cores)
+  if ! .venv/bin/python -m pip install --disable-pip-version-check --no-compile -c constraints.txt -e ".[dev]" \
+    >"$log" 2>&1; then
     tail -n 40 "$log" >&2
     echo "set-up failed; the whole pip log is in $log" >&2
     exit 1
   fi
-  # Compile once what every entry point imports (torch, lightning, open_clip, hydra, ...; ~15 s). Without this, a
-  # shell with PYTHONDONTWRITEBYTECODE=1 (common in container images) recompiles it in every process: a train.py
-  # start took 15 s instead of 7.6 s on a 2-core machine. Reading cached bytecode is allowed under that setting.
-  env -u PYTHONDONTWRITEBYTECODE .venv/bin/python -c \
-    "import ldm.training.run, ldm.inference, ldm.sampling, eval.runner, wandb, torch.distributed.fsdp" >>"$log" 2>&1 || true
+  # Compile now what every entry point imports (torch, lightning, open_clip, hydra, ...). Otherwise, under
+  # PYTHONDONTWRITEBYTECODE=1 (common in container images), every process recompiles it: a train.py start took 15 s
+  # instead of 7.6 s on a 2-core machine. Reading cached bytecode is allowed under that setting.
+  entry_points="ldm.training.run, ldm.inference, ldm.sampling, eval.runner, wandb, torch.distributed.fsdp"
+  env -u PYTHONDONTWRITEBYTECODE .venv/bin/python -c "import $entry_points" >>"$log" 2>&1 || true
   touch "$stamp"
 fi

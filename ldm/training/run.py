@@ -64,7 +64,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
     if init is not None:
         _load_init_weights(module, init, cfg.init_from)
     _check_bucket_sizes(cfg, module)
-    _compile(cfg, module)
+    _compile(cfg, module, trainer_overrides.get("strategy"))
     datamodule = instantiate(cfg.data)
     logger = [instantiate(cfg.logger, **_wandb_resume(cfg, run_dir))] if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -119,14 +119,14 @@ def _speed_callbacks(cfg: DictConfig) -> list[L.Callback]:
     ]
 
 
-def _compile(cfg: DictConfig, module: L.LightningModule) -> None:
+def _compile(cfg: DictConfig, module: L.LightningModule, strategy=None) -> None:
     """`compile=true`: torch.compile the trained network (under `strategy=fsdp` each of its blocks) and, in stage 2
     on raw images, the frozen autoencoder's encoder, which then runs every step. In place: state_dict keys stay
     those of the plain modules."""
     if not cfg.get("compile"):
         return
     network = module.trainable_module()
-    if cfg.get("strategy"):
+    if is_sharded(strategy):
         # FSDP: block by block, so that each block's gather/free hooks stay outside the compiled graphs
         for block in network.blocks():
             block.compile(dynamic=False)
