@@ -217,3 +217,31 @@ def test_preempted_fsdp_run_resumes_and_matches_ddp(setup, reference, tmp_path):
         for k in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(ob["state"][i][k], sa[k], rtol=0, atol=1e-7)
     assert ob["state"][0]["step"] == MAX_STEPS
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_nan_batch_on_one_rank_is_skipped_on_both(setup, strategy, tmp_path):
+    """Rank 1 alone gets a NaN batch at step 2. DDP's averaged gradients (FSDP's global norm) carry the NaN to
+    rank 0, so both ranks skip that step and stay identical; the run goes on to the end."""
+    run = tmp_path / strategy
+    command = [a for a in _command(setup, run, strategy=strategy) if not a.startswith("trainer.max_steps=")]
+    command += [
+        "trainer.max_steps=4",
+        "+callbacks.poison={_target_: tests.callbacks.PoisonBatches, steps: [1], ranks: [1]}",
+        f"+callbacks.weights={{_target_: tests.callbacks.WeightLog, dir: {run}/weights}}",
+    ]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    logs = [
+        [json.loads(line) for line in (run / "weights" / f"rank{r}.jsonl").read_text().splitlines()]
+        for r in (0, 1)
+    ]
+    assert [line["step"] for line in logs[0]] == [line["step"] for line in logs[1]] == [1, 2, 3, 4]
+    for a, b in zip(*logs, strict=True):
+        assert (a["sum"], a["ema_sum"]) == (b["sum"], b["ema_sum"])  # the ranks never part
+    sums = [(line["sum"], line["ema_sum"]) for line in logs[0]]
+    assert sums[1] == sums[0] and sums[2] != sums[1] and sums[3] != sums[2]  # step 2 changed nothing
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["nonfinite_steps"] == {"train/grad_norm": 1}
+    assert int(ckpt["state_dict"]["ema.num_updates"]) == 3
+    assert {int(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()} == {3}

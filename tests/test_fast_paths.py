@@ -81,27 +81,6 @@ class _Observe(L.Callback):
 
 
 @pytest.fixture(scope="module")
-def vae_ckpt(tmp_path_factory) -> str:
-    """A stage-1 checkpoint of the quickstart autoencoder with its initial weights (stage 2 only needs one)."""
-    from omegaconf import OmegaConf
-
-    from ldm.models import KLAutoencoder
-    from ldm.utils.checkpoint import atomic_save
-    from ldm.utils.sd_import import stage1_checkpoint
-
-    arch = OmegaConf.to_container(
-        OmegaConf.load(Path(__file__).parents[1] / "configs/autoencoder/kl_f4_tiny.yaml")
-    )
-    arch.pop("_target_")
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vae") / "vae.ckpt"
-    atomic_save(
-        stage1_checkpoint(arch, KLAutoencoder(**arch).state_dict(), latent_scale=1.0, resolution=32), path
-    )
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def switched_run(synthetic_shards, vae_ckpt, tmp_path_factory):
     """Two stage-2 steps with every switch away from its default, logged to an offline W&B run."""
     from ldm.training.run import train

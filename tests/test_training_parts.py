@@ -32,6 +32,20 @@ def test_ema_follows_the_warmup_formula():
     assert not any(p.requires_grad for p in ema.module.parameters())
 
 
+def test_ema_decay_follows_a_loaded_update_count():
+    """The warm-up reads a host-side copy of num_updates (no GPU sync per step); a loaded state replaces it."""
+    model = nn.Linear(3, 2)
+    trained, fresh = EMA(model, decay=0.999), EMA(model, decay=0.999)
+    for _ in range(30):
+        trained.update(model)
+    fresh.update(model)  # its host count is now 1
+    assert fresh.current_decay() == pytest.approx(2 / 11)
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh.current_decay() == pytest.approx(31 / 40)
+    fresh.update(model)
+    assert int(fresh.num_updates) == 31 and fresh.current_decay() == pytest.approx(32 / 41)
+
+
 def test_ema_without_warmup_and_decay_bounds():
     model = nn.Linear(2, 2)
     ema = EMA(model, decay=0.5, warmup=False)

@@ -103,9 +103,7 @@ class AutoencoderModule(LDMModuleBase):
         return g.loss.detach()
 
     def _clip_and_step(self, optimizer, module: torch.nn.Module, name: str) -> None:
-        grads = [p.grad for p in module.parameters() if p.grad is not None]
-        if grads:
-            self.log(name, torch.nn.utils.get_total_norm(grads))
+        self.check_gradients(module, name)  # NaN/inf: gradients dropped, the step below changes nothing
         if self.gradient_clip_val:
             self.clip_gradients(
                 optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm"
@@ -162,6 +160,7 @@ class AutoencoderModule(LDMModuleBase):
             del state[key]  # frozen, rebuilt from its weights file: no need for ~60 MB in every checkpoint
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         if self.loss.lpips is not None:
             checkpoint["state_dict"].update(
                 {f"loss.lpips.{k}": v for k, v in self.loss.lpips.state_dict().items()}

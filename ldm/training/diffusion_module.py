@@ -125,7 +125,8 @@ class DiffusionModule(LDMModuleBase):
         super().optimizer_step(*args, **kwargs)
         # here, not in on_train_batch_end: callbacks' on_train_batch_end (checkpoints, preemption) run before the
         # module's, and must see the EMA of the step they save; with accumulation, once per optimizer step
-        self.ema.update(self.unet)
+        if not self.skipped_last_step:  # a step skipped for NaN/inf gradients left the weights as they were
+            self.ema.update(self.unet)
 
     # --- sampling ---------------------------------------------------------------------------------------------
     def pipeline(self, use_ema: bool = True) -> TextToImage:
@@ -167,6 +168,7 @@ class DiffusionModule(LDMModuleBase):
                 del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.complete_state_dict(checkpoint["state_dict"])
 
     def complete_state_dict(self, state: dict) -> None:

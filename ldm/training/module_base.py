@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.training.fsdp import full_tensor, is_sharded
+from ldm.training.nonfinite import NonFiniteGuard
 from ldm.training.optim import AdamWSettings
 from ldm.utils.checkpoint import BUNDLE_KEY, FORMAT_VERSION
 
@@ -22,6 +23,9 @@ class LDMModuleBase(L.LightningModule):
         self.config = config  # the resolved run config, as plain containers; written into every checkpoint
         self.skipped_samples = 0  # per rank, since the start of this process
         self.skipped_by_reason: dict[str, int] = {}
+        self.max_nonfinite_steps: int | None = 10  # set by run.train from the config's max_nonfinite_steps
+        self.nonfinite: dict[str, NonFiniteGuard] = {}  # per gradient-norm panel (one per optimizer)
+        self.nonfinite_stop: str | None = None  # why the run was stopped, when it was
 
     def trainable_module(self) -> nn.Module:
         raise NotImplementedError
@@ -47,9 +51,29 @@ class LDMModuleBase(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self.automatic_optimization:
             return  # a manually optimized module logs its own norms, per optimizer
-        grads = [p.grad for p in self.trainable_module().parameters() if p.grad is not None]
-        if grads:  # before clipping: the norm the clip threshold is compared against
-            self.log("train/grad_norm", full_tensor(torch.nn.utils.get_total_norm(grads)), prog_bar=False)
+        self.check_gradients(self.trainable_module(), "train/grad_norm")
+
+    def check_gradients(self, module: nn.Module, name: str) -> bool:
+        """Log the total gradient norm of `module` under `name` (before clipping: the norm the clip threshold is
+        compared against); when it is NaN/inf, drop the gradients so that the coming optimizer step changes
+        nothing (ldm.training.nonfinite). True when the step is skipped."""
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        norm = full_tensor(torch.nn.utils.get_total_norm(grads)) if grads else None
+        if norm is not None:
+            self.log(name, norm)
+        guard = self.nonfinite.setdefault(name, NonFiniteGuard(self.max_nonfinite_steps))
+        skipped = guard.check(norm, module.parameters(), self.global_step)
+        if guard.limit is not None:
+            self.log(name.replace("grad_norm", "nonfinite_steps"), float(guard.total))
+        if guard.exhausted and self.nonfinite_stop is None:
+            self.nonfinite_stop = guard.message(self.global_step, f"the {type(module).__name__}")
+            self.trainer.should_stop = True
+        return skipped
+
+    @property
+    def skipped_last_step(self) -> bool:
+        """Whether the last optimizer step was skipped for non-finite gradients (any optimizer)."""
+        return any(g.skipped_last for g in self.nonfinite.values())
 
     def log_data_stats(self, batch: dict) -> None:
         """Samples the loader skipped (corrupt/undecodable), summed over its workers, in total and per reason."""
@@ -77,3 +101,8 @@ class LDMModuleBase(L.LightningModule):
             "config": self.config,
             **self.describe(),
         }
+        checkpoint["nonfinite_steps"] = {name: guard.total for name, guard in self.nonfinite.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        for name, total in (checkpoint.get("nonfinite_steps") or {}).items():
+            self.nonfinite.setdefault(name, NonFiniteGuard(self.max_nonfinite_steps)).total = int(total)

@@ -23,6 +23,7 @@ from ldm.inference import LatentCodec
 from ldm.training.checkpoint_io import AtomicCheckpointIO
 from ldm.training.fast_paths import FastPathsCallback
 from ldm.training.fsdp import is_sharded
+from ldm.training.nonfinite import NonFiniteGradients, NonFiniteGuard
 from ldm.training.resume import ExactResumeCallback, PreemptionCallback
 from ldm.training.throughput import ThroughputCallback
 from ldm.utils.checkpoint import load_bundle, submodule_state
@@ -69,6 +70,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
     logger = [instantiate(cfg.logger, **_wandb_resume(cfg, run_dir))] if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks += [ExactResumeCallback(), *_speed_callbacks(cfg), preemption, *extra_callbacks]
+    module.max_nonfinite_steps = _max_nonfinite_steps(cfg)
     if not module.automatic_optimization:  # the module clips each of its optimizers itself
         module.gradient_clip_val = cfg.trainer.get("gradient_clip_val")
         trainer_overrides["gradient_clip_val"] = None
@@ -90,12 +92,16 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
         final = run_dir / "checkpoints" / "last.ckpt"
         if preemption.preempted:
             final = Path(preemption.checkpoint)
-        else:
-            trainer.save_checkpoint(final)  # the state at max_steps, whatever the periodic interval
+        else:  # the state at max_steps (whatever the periodic interval), or where NaN/inf gradients stopped it
+            trainer.save_checkpoint(final)
     finally:
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger) and lg._experiment is not None:
                 lg.experiment.finish()  # a later train() in this process starts its own run
+    if module.nonfinite_stop:
+        message = f"stopped at step {trainer.global_step}: {module.nonfinite_stop} Checkpoint: {final}"
+        log.error(message)
+        raise NonFiniteGradients(message)
     if preemption.preempted and trainer.is_global_zero:
         _requeue()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -106,6 +112,20 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
         "global_step": trainer.global_step,
         "preempted": preemption.preempted,
     }
+
+
+def _max_nonfinite_steps(cfg: DictConfig) -> int | None:
+    """`max_nonfinite_steps` (ldm.training.nonfinite), except under fp16, whose GradScaler skips the steps that
+    overflow itself (several in a row while it finds its scale)."""
+    limit = cfg.get("max_nonfinite_steps", 10)
+    NonFiniteGuard(limit)  # refuses a negative limit before the run starts
+    if str(cfg.trainer.get("precision", "")).startswith("16"):
+        log.info(
+            "precision %s: the GradScaler skips overflowing steps; max_nonfinite_steps is off",
+            cfg.trainer.precision,
+        )
+        return None
+    return None if limit is None else int(limit)
 
 
 def _speed_callbacks(cfg: DictConfig) -> list[L.Callback]:
