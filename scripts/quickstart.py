@@ -46,7 +46,7 @@ def main() -> None:
     )
     parser.add_argument("--out", default="quickstart_out", help="output folder (data, runs, samples)")
     parser.add_argument("--num-samples", type=int, default=10000, help="synthetic training images")
-    parser.add_argument("--num-val", type=int, default=512, help="held-out images (stage-1 PSNR/SSIM)")
+    parser.add_argument("--num-val", type=int, default=512, help="held-out images (stage-1 PSNR/SSIM, stage-2 val/loss)")
     parser.add_argument(
         "--vae-steps", type=int, default=None, help="override stage-1 steps (experiment vae_tiny)"
     )
@@ -96,9 +96,10 @@ def main() -> None:
     urls = f"{out / 'data' / 'train'}/shapes-{{000000..{len(train_shards) - 1:06d}}}.tar"
     logger = f"logger={args.logger}"
 
-    vae_dir, cache_dir, ldm_dir, sample_dir = (
+    vae_dir, cache_dir, val_cache_dir, ldm_dir, sample_dir = (
         out / "vae",
         out / "data" / "latents",
+        out / "data" / "val_latents",
         out / "ldm",
         out / "samples",
     )
@@ -126,6 +127,8 @@ def main() -> None:
         "num_workers=1",
     ]
     run(cache, "caching latents", timings)
+    val_cache = [*cache[:3], f"urls={out / 'data' / 'val'}", f"out_dir={val_cache_dir}", "num_workers=1"]
+    run(val_cache, "caching held-out latents", timings)  # stage 2's held-out loss (val/loss)
 
     ldm = [
         py,
@@ -134,10 +137,14 @@ def main() -> None:
         "data=latents",
         f"hydra.run.dir={ldm_dir}",
         f"data.train_urls={cache_dir}",
+        f"data.val_urls={val_cache_dir}",
         logger,
     ]
-    if args.ldm_steps:
-        ldm.append(f"trainer.max_steps={args.ldm_steps}")
+    if args.ldm_steps:  # and the held-out loss twice, as the full run's 4 times in 1100 steps
+        ldm += [
+            f"trainer.max_steps={args.ldm_steps}",
+            f"trainer.val_check_interval={max(1, args.ldm_steps // 2)}",
+        ]
     run(ldm, "stage 2: latent diffusion", timings)
 
     held_out = HELD_OUT_PROMPTS

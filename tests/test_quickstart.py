@@ -1,5 +1,6 @@
 """The README's quickstart command, end to end with tiny step counts (its code path, not its quality)."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -38,3 +39,7 @@ def test_quickstart_script_runs_end_to_end(tmp_path):
         summary["timings_s"]
     )
     assert len(list((tmp_path / "qs" / "samples" / "images").glob("*.png"))) == 8 * 4
+    # stage 2 scored the held-out shards' cached latents after steps 2 and 4
+    (metrics,) = (tmp_path / "qs" / "ldm").glob("csv/**/metrics.csv")
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("val/loss")]
+    assert [int(r["step"]) for r in rows] == [1, 3] and all(float(r["val/loss"]) > 0 for r in rows)

@@ -5,10 +5,12 @@ The module orchestrates; the math lives in `ldm.diffusion`, the networks in `ldm
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from ldm.conditioning import Conditioning, FrozenOpenCLIPTextEncoder
 from ldm.data.masks import InpaintMasks, inpainting_input
@@ -37,6 +39,9 @@ class DiffusionModule(LDMModuleBase):
         ema_warmup: bool = True,
         sample_posterior: bool = True,
         inpainting_masks: InpaintMasks | None = None,
+        val_timesteps: int = 10,
+        val_seed: int = 0,
+        val_use_ema: bool = True,
         config: dict | None = None,
     ) -> None:
         super().__init__(optim=optim, config=config)
@@ -53,6 +58,12 @@ class DiffusionModule(LDMModuleBase):
             )
         self.ema = EMA(unet, decay=ema_decay, warmup=ema_warmup)
         self.denoise = unet_denoiser(self.unet)
+        if val_timesteps < 0 or val_timesteps > diffusion.num_timesteps:
+            raise ValueError(f"val_timesteps must be in [0, {diffusion.num_timesteps}], got {val_timesteps}")
+        self.val_timesteps, self.val_seed, self.val_use_ema = val_timesteps, val_seed, val_use_ema
+        # one running mean per timestep and one of the objective: exact over batches and ranks (not persistent)
+        self.val_loss = MeanMetric()
+        self.val_loss_by_t = nn.ModuleList(MeanMetric() for _ in range(val_timesteps))
 
     def trainable_module(self) -> torch.nn.Module:
         return self.unet
@@ -128,6 +139,59 @@ class DiffusionModule(LDMModuleBase):
         if not self.skipped_last_step:  # a step skipped for NaN/inf gradients left the weights as they were
             self.ema.update(self.unet)
 
+    # --- validation: a held-out loss that moves only when the weights do ---------------------------------------
+    def validation_timesteps(self) -> list[int]:
+        """The centres of `val_timesteps` equal bins of [0, T): with 10 bins, those of `train_loss_by_t`."""
+        num, k = self.diffusion.num_timesteps, self.val_timesteps
+        return [(2 * i + 1) * num // (2 * k) for i in range(k)]
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Each held-out image (posterior mean, its own caption, never dropped) is noised at every one of
+        `validation_timesteps()` with noise drawn from a generator seeded by its key and `val_seed`, and scored
+        with the training objective (EMA weights unless `val_use_ema=false`). Image, noise and timesteps are
+        then the same at every validation, whatever the batching or the number of ranks, so the curve is not
+        the noisy training loss again: it falls when the model improves (SD3, Esser et al. 2024, sec. 5.3.3, found
+        such a validation loss to track image quality)."""
+        if not self.val_timesteps:
+            return
+        raw = (
+            batch["latent_mean"]
+            if "latent_mean" in batch
+            else self.codec.autoencoder.encode(batch["image"]).mode()
+        )
+        if not self.codec.is_calibrated:
+            self._calibrate_latent_scale(raw)
+        z0 = self.codec.normalize(raw)
+        cond = self._conditioning(batch)
+        generators = [
+            torch.Generator().manual_seed(validation_seed(key, self.val_seed)) for key in batch["key"]
+        ]
+        shape = (1, *z0.shape[1:])
+        noise = torch.cat([self.diffusion.training_noise(shape, "cpu", torch.float32, g) for g in generators])
+        noise = noise.to(z0)
+        net = self.ema.module if self.val_use_ema else self.unet
+        concat = None
+        if self.inpainting_masks is not None:
+            h, w = z0.shape[-2:]
+            mask = torch.cat([self.inpainting_masks(1, h, w, generator=g) for g in generators]).to(z0)
+            concat = inpainting_input(z0, mask)
+        denoise = unet_denoiser(net, concat, self._micro_conditioning(batch, z0))
+        for i, t in enumerate(self.validation_timesteps()):
+            timesteps = torch.full((len(z0),), t, device=z0.device, dtype=torch.long)
+            out = self.diffusion.loss(lambda x, tt: denoise(x, tt, cond), z0, t=timesteps, noise=noise)
+            self.val_loss_by_t[i].update(out.per_sample)
+            self.val_loss.update(out.weights * out.per_sample)
+        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True)
+        width = self.diffusion.num_timesteps // self.val_timesteps
+        for i, metric in enumerate(self.val_loss_by_t):
+            self.log(
+                f"val_loss_by_t/{i * width:04d}-{(i + 1) * width - 1:04d}",
+                metric,
+                on_step=False,
+                on_epoch=True,
+            )
+
     # --- sampling ---------------------------------------------------------------------------------------------
     def pipeline(self, use_ema: bool = True) -> TextToImage:
         unet = self.ema.module if use_ema else self.unet
@@ -175,3 +239,10 @@ class DiffusionModule(LDMModuleBase):
         """A checkpoint without the pretrained text encoder's weights gets this module's (loaded from its tag)."""
         if not any(k.startswith("text_encoder.") for k in state):
             state.update({f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()})
+
+
+def validation_seed(key: str, seed: int = 0) -> int:
+    """The seed of a held-out sample's noise (and inpainting mask): a hash of its key and `seed`, so it does not
+    depend on batching, order or rank."""
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)

@@ -255,7 +255,14 @@ def _strategy(cfg: DictConfig) -> dict:
         raise ValueError(
             "strategy=fsdp shards the UNet of stage 2; stage 1 trains with DDP (trainer.strategy)"
         )
-    return {"strategy": instantiate(cfg.strategy)}
+    overrides = {"strategy": instantiate(cfg.strategy)}
+    if cfg.data.get("val_urls"):
+        # a sharded forward is a collective: ranks with unequal numbers of held-out batches would wait forever
+        log.warning(
+            "strategy=fsdp: the held-out loss (data.val_urls) is not computed; eval callbacks still run"
+        )
+        overrides["limit_val_batches"] = 0
+    return overrides
 
 
 def _cluster(cfg: DictConfig) -> tuple[dict, list]:
