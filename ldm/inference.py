@@ -18,7 +18,7 @@ from ldm.data.masks import inpainting_input
 from ldm.diffusion import GaussianDiffusion, InitImage, classifier_free_guidance
 from ldm.models import CrossAttentionUNet, KLAutoencoder
 from ldm.models.unet import default_micro_conditioning
-from ldm.utils.checkpoint import load_bundle, submodule_state
+from ldm.utils.checkpoint import CONTENTS_KEY, WEIGHTS_ONLY, load_bundle, submodule_state
 
 Denoiser = Callable[[Tensor, Tensor, Conditioning], Tensor]
 
@@ -226,6 +226,10 @@ class TextToImage:
         if bundle.get("stage") != "diffusion":
             raise ValueError(
                 f"{path} is a '{bundle.get('stage')}' checkpoint; sampling needs a diffusion (stage 2) one"
+            )
+        if not use_ema and bundle.get(CONTENTS_KEY) == WEIGHTS_ONLY:
+            raise ValueError(
+                f"{path} is a weights-only checkpoint: it holds the EMA weights only (use_ema=true)"
             )
         cfg = bundle["config"]
         state = ckpt["state_dict"]

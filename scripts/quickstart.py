@@ -46,7 +46,9 @@ def main() -> None:
     )
     parser.add_argument("--out", default="quickstart_out", help="output folder (data, runs, samples)")
     parser.add_argument("--num-samples", type=int, default=10000, help="synthetic training images")
-    parser.add_argument("--num-val", type=int, default=512, help="held-out images (stage-1 PSNR/SSIM, stage-2 val/loss)")
+    parser.add_argument(
+        "--num-val", type=int, default=512, help="held-out images (stage-1 PSNR/SSIM, stage-2 val/loss)"
+    )
     parser.add_argument(
         "--vae-steps", type=int, default=None, help="override stage-1 steps (experiment vae_tiny)"
     )

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -12,7 +13,7 @@ from PIL import Image
 
 from ldm.data.synthetic import write_synthetic_shards
 from ldm.inference import TextToImage
-from ldm.utils.checkpoint import load_bundle
+from ldm.utils.checkpoint import load_bundle, submodule_state
 from ldm.utils.images import read_png_metadata
 
 from .helpers import FAST, ROOT, compose_train
@@ -62,6 +63,7 @@ def ldm_run(vae_run, shards, tmp_path_factory):
         "diffusion.min_snr_gamma=5.0",
         "callbacks.sample_grid.every_n_steps=2",
         "callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.weights_snapshot.every_n_train_steps=2",
         *FAST,
         run_dir=str(run_dir),
     )
@@ -171,6 +173,65 @@ def test_pipeline_from_checkpoint_is_reproducible(ldm_run):
     b = pipe(["a blue star"], sampler, guidance_scale=3.0, seeds=[8])
     assert a.shape == (2, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
     torch.testing.assert_close(a[1:], b, atol=1e-5, rtol=0)  # an image depends on its seed, not its batch
+
+
+def test_weights_snapshots_sample_like_the_full_checkpoint(ldm_run):
+    """checkpoints/weights/: the EMA UNet, autoencoder and latent scale (and this random text tower), no optimizer
+    or raw weights; the same images as the full checkpoint of that step."""
+    from ldm.diffusion import DDIMSampler
+
+    result, _ = ldm_run
+    checkpoints = Path(result["run_dir"]) / "checkpoints"
+    assert {p.name for p in (checkpoints / "weights").iterdir()} == {"step_0000002.ckpt", "step_0000004.ckpt"}
+    snapshot, full = checkpoints / "weights" / "step_0000004.ckpt", checkpoints / "step_0000004.ckpt"
+    bundle, snap = load_bundle(snapshot)
+    assert bundle["contents"] == "weights_only" and "contents" not in load_bundle(full)[0]
+    assert "optimizer_states" not in snap and "callbacks" not in snap
+    state, full_state = snap["state_dict"], torch.load(full, weights_only=True)["state_dict"]
+    assert state and all(k.startswith(("ema.", "codec.", "text_encoder.")) for k in state)
+    assert all(torch.equal(v, full_state[k]) for k, v in state.items())
+    unet_bytes = sum(v.nbytes for k, v in full_state.items() if k.startswith("unet."))
+    assert full.stat().st_size - snapshot.stat().st_size > 3 * unet_bytes  # no raw UNet, no AdamW moments
+
+    sampler, prompts = DDIMSampler(num_steps=3), ["a red circle on a blue background"]
+    images = [
+        TextToImage.from_checkpoint(p)[0](prompts, sampler, guidance_scale=3.0, seeds=[3])
+        for p in (snapshot, full)
+    ]
+    assert torch.equal(*images)
+    with pytest.raises(ValueError, match="holds the EMA weights only"):
+        TextToImage.from_checkpoint(snapshot, use_ema=False)
+
+
+def test_weights_snapshot_cannot_resume_but_starts_a_run(ldm_run, tmp_path):
+    """ckpt_path refuses it (nothing to resume); init_from starts the UNet and its EMA from its EMA weights. The run
+    also keeps only the newest 3 full checkpoints (monitor step, save_top_k 3)."""
+    from ldm.training.run import train
+
+    result, cfg = ldm_run
+    snapshot = Path(result["run_dir"]) / "checkpoints" / "weights" / "step_0000004.ckpt"
+    refused = cfg.copy()
+    refused.ckpt_path, refused.run_dir = str(snapshot), str(tmp_path / "refused")
+    with pytest.raises(ValueError, match="weights-only checkpoint .* init_from="):
+        train(refused)
+
+    started = cfg.copy()
+    started.init_from, started.run_dir = str(snapshot), str(tmp_path / "started")
+    started.trainer.max_steps = 5
+    started.callbacks.model_checkpoint.every_n_train_steps = 1
+    started.callbacks.weights_snapshot = None
+    started.callbacks.sample_grid = None
+    seen = {}
+
+    class _AtStart(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["unet"] = {k: v.clone() for k, v in pl_module.unet.state_dict().items()}
+
+    train(started, extra_callbacks=[_AtStart()])
+    ema = submodule_state(torch.load(snapshot, weights_only=True)["state_dict"], "ema.module")
+    assert seen["unet"].keys() == ema.keys() and all(torch.equal(seen["unet"][k], v) for k, v in ema.items())
+    names = {p.name for p in (tmp_path / "started" / "checkpoints").iterdir() if p.is_file()}
+    assert names == {"step_0000003.ckpt", "step_0000004.ckpt", "step_0000005.ckpt", "last.ckpt"}
 
 
 def test_sample_cli_writes_grid_and_png_metadata(ldm_run, tmp_path):

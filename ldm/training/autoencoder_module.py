@@ -29,6 +29,7 @@ class AutoencoderModule(LDMModuleBase):
     autoencoder and the discriminator separately (manual optimization: the Trainer's own clipping is off)."""
 
     stage = "autoencoder"
+    weights_only_prefixes = ("autoencoder.",)
 
     def __init__(
         self,

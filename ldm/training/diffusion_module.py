@@ -26,6 +26,7 @@ from ldm.training.optim import AdamWSettings
 
 class DiffusionModule(LDMModuleBase):
     stage = "diffusion"
+    weights_only_prefixes = ("ema.", "codec.", "text_encoder.")  # EMA UNet, autoencoder + latent scale
 
     def __init__(
         self,

@@ -9,13 +9,16 @@ from torch import Tensor, nn
 from ldm.training.fsdp import full_tensor, is_sharded
 from ldm.training.nonfinite import NonFiniteGuard
 from ldm.training.optim import AdamWSettings
-from ldm.utils.checkpoint import BUNDLE_KEY, FORMAT_VERSION
+from ldm.utils.checkpoint import BUNDLE_KEY, CONTENTS_KEY, FORMAT_VERSION, WEIGHTS_ONLY
 
 NUM_TIMESTEP_BINS = 10
 
 
 class LDMModuleBase(L.LightningModule):
     stage: str = ""
+    # what a weights-only checkpoint keeps (`ModelCheckpoint(save_weights_only=True)`, the `weights_snapshot`
+    # callback): what sampling and evaluation load, without the optimizer state or the raw weights beside the EMA
+    weights_only_prefixes: tuple[str, ...] = ()
 
     def __init__(self, optim: AdamWSettings, config: dict | None = None) -> None:
         super().__init__()
@@ -102,6 +105,11 @@ class LDMModuleBase(L.LightningModule):
             **self.describe(),
         }
         checkpoint["nonfinite_steps"] = {name: guard.total for name, guard in self.nonfinite.items()}
+        if "optimizer_states" not in checkpoint:  # a weights-only save: a file to sample from, not to resume
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if not k.startswith(self.weights_only_prefixes)]:
+                del state[key]
+            checkpoint[BUNDLE_KEY][CONTENTS_KEY] = WEIGHTS_ONLY
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         for name, total in (checkpoint.get("nonfinite_steps") or {}).items():

@@ -26,7 +26,7 @@ from ldm.training.fsdp import is_sharded
 from ldm.training.nonfinite import NonFiniteGradients, NonFiniteGuard
 from ldm.training.resume import ExactResumeCallback, PreemptionCallback
 from ldm.training.throughput import ThroughputCallback
-from ldm.utils.checkpoint import load_bundle, submodule_state
+from ldm.utils.checkpoint import BUNDLE_KEY, CONTENTS_KEY, WEIGHTS_ONLY, load_bundle, submodule_state
 from ldm.utils.hydra_build import (
     build_autoencoder,
     build_denoising_parts,
@@ -86,6 +86,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
     if logger and trainer.is_global_zero:
         logger[0].log_hyperparams({**to_plain(cfg), "derived": scale})
     ckpt_path = cfg.ckpt_path or _hpc_checkpoint(run_dir)
+    _check_resumable(ckpt_path)
     log.info("stage %s: run dir %s; %s", stage, run_dir, scale)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -176,11 +177,30 @@ def _init_checkpoint(cfg: DictConfig) -> dict | None:
     return ckpt
 
 
+def _check_resumable(path: str | None) -> None:
+    """`ckpt_path` must be a full checkpoint: a weights-only one (checkpoints/weights/) has no optimizer, loop or
+    data state to resume, and no raw weights. Read memory-mapped: only the small bundle is touched."""
+    if not path or not Path(path).is_file():
+        return  # none, a distributed checkpoint folder, or a remote path: Lightning reports what is wrong
+    bundle = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(BUNDLE_KEY) or {}
+    if bundle.get(CONTENTS_KEY) == WEIGHTS_ONLY:
+        raise ValueError(
+            f"ckpt_path={path} is a weights-only checkpoint (EMA weights for sampling and evaluation, no optimizer "
+            "or data state): resume from a full one (checkpoints/last.ckpt or checkpoints/step_*.ckpt), or start "
+            "a new run from these weights with init_from=" + str(path)
+        )
+
+
 def _load_init_weights(module: L.LightningModule, ckpt: dict, path: str) -> None:
     """The trained weights of `ckpt`: stage 2's UNet, EMA (with its update count) and latent scale/shift (the
     latent space the UNet learnt), stage 1's autoencoder and discriminator; not the frozen text encoder. Modules
-    this run adds (new parameters) keep their initialisation; shapes must match."""
-    state = ckpt["state_dict"]
+    this run adds (new parameters) keep their initialisation; shapes must match. A weights-only checkpoint has
+    the EMA UNet alone: the trained UNet starts from it too."""
+    state = dict(ckpt["state_dict"])
+    if not any(k.startswith("unet.") for k in state):
+        state.update({"unet." + k: v for k, v in submodule_state(state, "ema.module").items()})
+        if any(k.startswith("unet.") for k in state):
+            log.info("init_from=%s: a weights-only checkpoint; the UNet starts from its EMA weights", path)
     prefixes = ("unet.", "ema.", "codec.scale", "codec.shift", "autoencoder.", "loss.discriminator.")
     wanted = {k: v for k, v in state.items() if k.startswith(prefixes)}
     own = module.state_dict()

@@ -11,6 +11,8 @@ import torch
 
 BUNDLE_KEY = "ldm"  # where a checkpoint keeps its self-description (config, latent scale, text encoder …)
 FORMAT_VERSION = 1
+CONTENTS_KEY = "contents"  # in the bundle: absent for a full (resumable) checkpoint
+WEIGHTS_ONLY = "weights_only"  # a weights-only checkpoint: EMA UNet / autoencoder for sampling and evaluation
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
