@@ -48,7 +48,14 @@ def main(cfg: DictConfig) -> None:
     )
     if batch:  # one image, from the batch it was first sampled in
         images = generate(
-            pipe, job, sampler, batch["prompts"], batch["seeds"], cfg.guidance_scale, cfg.guidance_rescale
+            pipe,
+            job,
+            sampler,
+            batch["prompts"],
+            batch["seeds"],
+            cfg.guidance_scale,
+            cfg.guidance_rescale,
+            cfg.negative_prompt,
         )
         path = save_png(
             to_pil(images[batch["index"]].cpu()),
@@ -73,6 +80,7 @@ def main(cfg: DictConfig) -> None:
         height=cfg.height,
         width=cfg.width,
         batch_size=cfg.batch_size,
+        negative_prompt=cfg.negative_prompt,
         extra_metadata=extra,
     )
     print(f"grid written to {grid}")

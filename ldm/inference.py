@@ -133,6 +133,7 @@ class TextToImage:
         strength: float = 1.0,
         mask: Tensor | None = None,
         keep_unmasked_pixels: bool = True,
+        negative_prompt: str | Sequence[str] | None = None,
     ) -> Tensor:
         """Images (B, 3, H, W) in [0, 1]; seed i fixes the initial noise of prompt i whatever the batch.
 
@@ -142,6 +143,8 @@ class TextToImage:
         An inpainting-specialised UNet (`is_inpainting_unet`) is given the mask and the kept latents as input
         instead of having the kept region replaced at each step; without an image it is told to generate
         everything (txt2img).
+        ``negative_prompt`` (one for all prompts, or one per prompt) replaces the empty prompt in the unconditional
+        half of classifier-free guidance, so the samples are steered away from it; None or "" is the empty prompt.
         """
         if init_image is not None:
             height, width = init_image.shape[-2:]
@@ -154,7 +157,7 @@ class TextToImage:
             [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         )
         cond = self.text_encoder(list(prompts))
-        uncond = self.text_encoder.null(len(prompts)) if guidance_scale != 1.0 else None
+        uncond = self._unconditional(len(prompts), negative_prompt) if guidance_scale != 1.0 else None
         init = self._init(init_image, strength, mask, len(prompts))
         concat = None
         if is_inpainting_unet(self.unet):
@@ -175,6 +178,15 @@ class TextToImage:
         if mask is not None and keep_unmasked_pixels:
             images = torch.lerp(init_image.to(images), images, mask.to(images))
         return images
+
+    def _unconditional(self, batch: int, negative_prompt: str | Sequence[str] | None) -> Conditioning:
+        """The conditioning guidance steers away from: the empty prompt, or the negative prompt(s)."""
+        negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else negative_prompt
+        if negatives is None or not any(negatives):
+            return self.text_encoder.null(batch)
+        if len(negatives) != batch:
+            raise ValueError(f"got {batch} prompts but {len(negatives)} negative prompts")
+        return self.text_encoder(list(negatives))
 
     def _micro(self, batch: int, height: int, width: int) -> Tensor | None:
         """A micro-conditioned UNet samples as if for an uncropped image of the requested size (SDXL's default)."""

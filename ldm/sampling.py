@@ -161,6 +161,7 @@ def write_samples(
     height: int | None = None,
     width: int | None = None,
     batch_size: int = 16,
+    negative_prompt: str = "",
     extra_metadata: dict | None = None,
 ) -> Path:
     """One PNG per image, a `grid_cols`-wide grid per prompt (`grids/NNN.png`, 2×2 by default, its row's seeds
@@ -179,6 +180,7 @@ def write_samples(
         "steps": getattr(sampler, "num_steps", None) or pipe.diffusion.num_timesteps,
         "guidance_scale": guidance_scale,
         "guidance_rescale": guidance_rescale,
+        "negative_prompt": negative_prompt,
         "sampler": type(sampler).__name__,
         "sampler_config": sampler_config(sampler),
         "height": height,
@@ -196,6 +198,7 @@ def write_samples(
             [s for *_, s in chunk],
             guidance_scale,
             guidance_rescale,
+            negative_prompt,
         )
         for k, ((i, prompt, s), image) in enumerate(zip(chunk, batch.cpu(), strict=True)):
             name = f"{i:03d}_{s:06d}.png"
@@ -234,6 +237,7 @@ def generate(
     seeds: list[int],
     guidance_scale: float,
     guidance_rescale: float,
+    negative_prompt: str = "",
 ) -> Tensor:
     height, width = job.size if job.image is None and job.size else (None, None)
     return pipe(
@@ -247,6 +251,7 @@ def generate(
         init_image=job.image,
         strength=job.strength,
         mask=job.mask,
+        negative_prompt=negative_prompt,
     )
 
 
@@ -259,6 +264,7 @@ REPRODUCED_KEYS = (
     "outpaint",
     "guidance_scale",
     "guidance_rescale",
+    "negative_prompt",
     "height",
     "width",
     "use_ema",

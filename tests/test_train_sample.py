@@ -234,6 +234,26 @@ def test_weights_snapshot_cannot_resume_but_starts_a_run(ldm_run, tmp_path):
     assert names == {"step_0000003.ckpt", "step_0000004.ckpt", "step_0000005.ckpt", "last.ckpt"}
 
 
+def test_negative_prompt_takes_the_place_of_the_empty_prompt(ldm_run):
+    """Guidance is out_uncond + s (out_cond - out_uncond), and the negative prompt is the uncond input: at s = 0 a
+    prompt with negative prompt N samples what N alone samples without guidance (s = 1)."""
+    from ldm.diffusion import DDIMSampler
+
+    pipe, _ = TextToImage.from_checkpoint(ldm_run[0]["checkpoint"])
+    sampler, prompt, negative = DDIMSampler(num_steps=3), ["a red circle on a blue background"], "a blue star"
+    plain = pipe(prompt, sampler, guidance_scale=3.0, seeds=[5])
+    for empty in (None, "", [""]):
+        assert torch.equal(pipe(prompt, sampler, guidance_scale=3.0, seeds=[5], negative_prompt=empty), plain)
+    steered = pipe(prompt, sampler, guidance_scale=3.0, seeds=[5], negative_prompt=negative)
+    assert (steered - plain).abs().max() > 1e-3
+    only_negative = pipe(prompt, sampler, guidance_scale=0.0, seeds=[5], negative_prompt=[negative])
+    torch.testing.assert_close(
+        only_negative, pipe([negative], sampler, guidance_scale=1.0, seeds=[5]), atol=1e-5, rtol=0
+    )
+    with pytest.raises(ValueError, match="got 1 prompts but 2 negative prompts"):
+        pipe(prompt, sampler, guidance_scale=3.0, seeds=[5], negative_prompt=["a", "b"])
+
+
 def test_sample_cli_writes_grid_and_png_metadata(ldm_run, tmp_path):
     result, _ = ldm_run
     prompts = tmp_path / "prompts.txt"
@@ -339,6 +359,7 @@ def test_sample_grids_reproduce_and_variations(ldm_run, tmp_path):
         "sampler.num_steps=4",
         "guidance_scale=3.0",
         "guidance_rescale=0.7",
+        "negative_prompt=a green square",
         "batch_size=3",
         "seed=11",
     )
@@ -355,10 +376,16 @@ def test_sample_grids_reproduce_and_variations(ldm_run, tmp_path):
     assert (
         meta["guidance_rescale"] == 0.7 and meta["batch"]["prompts"][0] == "a red circle on a blue background"
     )
+    assert meta["negative_prompt"] == "a green square"
 
     again = tmp_path / "again"
     _run_sample(
-        f"reproduce={images[5]}", f"out_dir={again}", "ckpt=ignored", "sampler=ddim", "guidance_scale=9"
+        f"reproduce={images[5]}",
+        f"out_dir={again}",
+        "ckpt=ignored",
+        "sampler=ddim",
+        "guidance_scale=9",
+        "negative_prompt=ignored too",
     )
     np.testing.assert_array_equal(_pixels(again / "reproduced.png"), _pixels(images[5]))
 
