@@ -155,7 +155,14 @@ def test_without_the_check_a_nan_batch_ruins_the_weights(synthetic_shards, vae_c
 def test_a_streak_stops_the_run_with_a_checkpoint_that_resumes(synthetic_shards, vae_ckpt, tmp_path):
     from ldm.training.run import train
 
-    cfg = _stage2(synthetic_shards, vae_ckpt, tmp_path / "a", "trainer.max_steps=10", "max_nonfinite_steps=2")
+    cfg = _stage2(
+        synthetic_shards,
+        vae_ckpt,
+        tmp_path / "a",
+        "trainer.max_steps=10",
+        "max_nonfinite_steps=2",
+        "logger=wandb",
+    )
     snaps = _Snapshots()
     with pytest.raises(
         NonFiniteGradients, match=r"stopped at step 5: 3 optimizer steps in a row \(steps 3–5\)"
@@ -169,6 +176,14 @@ def test_a_streak_stops_the_run_with_a_checkpoint_that_resumes(synthetic_shards,
     weights_after_2 = snaps.before[2][: len(unet)]
     assert _same(unet, weights_after_2)  # the last finite weights, saved
     assert max(snaps.before) == 4  # nothing ran after the stop
+    from scripts.plot_run import wandb_records  # the offline run's record log: the W&B alert is in it
+
+    (run,) = (tmp_path / "a" / "wandb").glob("offline-run-*")
+    alerts = [
+        r.alert for r in wandb_records(next(run.glob("*.wandb"))) if r.WhichOneof("record_type") == "alert"
+    ]
+    assert len(alerts) == 1 and alerts[0].title == "ldm: run stopped on NaN/inf gradients"
+    assert "steps 3–5" in alerts[0].text and str(path) in alerts[0].text
 
     resumed_cfg = _stage2(
         synthetic_shards, vae_ckpt, tmp_path / "b", "trainer.max_steps=7", f"ckpt_path={path}"

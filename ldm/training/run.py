@@ -95,14 +95,15 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
             final = Path(preemption.checkpoint)
         else:  # the state at max_steps (whatever the periodic interval), or where NaN/inf gradients stopped it
             trainer.save_checkpoint(final)
+        if module.nonfinite_stop:
+            message = f"stopped at step {trainer.global_step}: {module.nonfinite_stop} Checkpoint: {final}"
+            log.error(message)
+            _alert(trainer, "ldm: run stopped on NaN/inf gradients", message)
+            raise NonFiniteGradients(message)
     finally:
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger) and lg._experiment is not None:
                 lg.experiment.finish()  # a later train() in this process starts its own run
-    if module.nonfinite_stop:
-        message = f"stopped at step {trainer.global_step}: {module.nonfinite_stop} Checkpoint: {final}"
-        log.error(message)
-        raise NonFiniteGradients(message)
     if preemption.preempted and trainer.is_global_zero:
         _requeue()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -113,6 +114,18 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
         "global_step": trainer.global_step,
         "preempted": preemption.preempted,
     }
+
+
+def _alert(trainer: L.Trainer, title: str, text: str) -> None:
+    """A W&B alert (e-mail / Slack, as the user's W&B settings say) from rank 0; offline runs record nothing."""
+    if not trainer.is_global_zero:
+        return
+    for lg in trainer.loggers:
+        if isinstance(lg, WandbLogger) and lg._experiment is not None:
+            try:
+                lg.experiment.alert(title=title, text=text[:1000], level="ERROR")
+            except Exception as err:  # an alert must never hide the error it reports
+                log.warning("W&B alert not sent: %s", err)
 
 
 def _max_nonfinite_steps(cfg: DictConfig) -> int | None:
