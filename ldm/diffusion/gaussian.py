@@ -18,6 +18,7 @@ from torch import Tensor
 from ldm.diffusion.schedules import make_betas, rescale_zero_terminal_snr, shift_schedule
 
 PREDICTIONS = ("eps", "v", "x0")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 
 
 @dataclass
@@ -51,6 +52,10 @@ class GaussianDiffusion:
     - ``min_snr_gamma``: weight the loss by min(SNR, gamma) in x0 terms (Hang et al. 2023, eq. 11-12).
     - ``schedule_shift``: lower the log-SNR of every step by 2 log(shift), shift = resolution / the resolution the
       schedule was made for (Hoogeboom et al. 2023; `schedules.shift_schedule`): for training at 512 or 1024 px.
+    - ``timestep_sampling``: how training draws t. ``"uniform"`` over [0, T) (DDPM), or ``"logit_normal"``:
+      t = floor(T sigmoid(u)), u ~ N(logit_normal_mean, logit_normal_std^2) (Esser et al. 2024, sec. 3.1, eq. 19),
+      which spends more steps on the middle noise levels and fewer on the nearly clean and nearly pure-noise ends;
+      a positive mean moves the weight towards noise.
 
     Schedule tensors are kept in float64 and cast to x's dtype and device where they are used, with a cached
     copy per device, so the methods work with inputs on any device without calling ``to``.
@@ -67,6 +72,9 @@ class GaussianDiffusion:
         offset_noise: float = 0.0,
         min_snr_gamma: float | None = None,
         schedule_shift: float = 1.0,
+        timestep_sampling: str = "uniform",
+        logit_normal_mean: float = 0.0,
+        logit_normal_std: float = 1.0,
     ):
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; valid: {', '.join(PREDICTIONS)}")
@@ -79,6 +87,14 @@ class GaussianDiffusion:
             raise ValueError(f"offset_noise must be >= 0, got {offset_noise}")
         if min_snr_gamma is not None and min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be > 0 or null, got {min_snr_gamma}")
+        if timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ValueError(
+                f"unknown timestep_sampling {timestep_sampling!r}; valid: {', '.join(TIMESTEP_SAMPLING)}"
+            )
+        if logit_normal_std <= 0:
+            raise ValueError(f"logit_normal_std must be > 0, got {logit_normal_std}")
+        self.timestep_sampling = timestep_sampling
+        self.logit_normal = (float(logit_normal_mean), float(logit_normal_std))
         self.schedule = schedule
         self.num_timesteps = num_timesteps
         self.prediction = prediction
@@ -120,6 +136,16 @@ class GaussianDiffusion:
             "min_snr_gamma": self.min_snr_gamma,
             # resolution / base resolution of a progressive-resolution run; recorded only when on
             **({"schedule_shift": self.schedule_shift} if self.schedule_shift != 1.0 else {}),
+            # how training drew t; recorded only when not uniform
+            **(
+                {
+                    "timestep_sampling": self.timestep_sampling,
+                    "logit_normal_mean": self.logit_normal[0],
+                    "logit_normal_std": self.logit_normal[1],
+                }
+                if self.timestep_sampling != "uniform"
+                else {}
+            ),
         }
 
     def _buffers(self, device: torch.device) -> dict[str, Tensor]:
@@ -223,7 +249,13 @@ class GaussianDiffusion:
     def sample_timesteps(
         self, batch_size: int, device: torch.device | str, generator: torch.Generator | None = None
     ) -> Tensor:
-        """Uniform long timesteps in [0, T) (DDPM Algorithm 1). The generator must live on ``device``."""
+        """Long timesteps in [0, T) for training: uniform (DDPM Algorithm 1) or logit-normal (``timestep_sampling``).
+        The generator must live on ``device``."""
+        if self.timestep_sampling == "logit_normal":
+            mean, std = self.logit_normal
+            u = torch.randn(batch_size, device=device, generator=generator) * std + mean
+            t = (torch.sigmoid(u) * self.num_timesteps).floor().long()
+            return t.clamp(max=self.num_timesteps - 1)
         return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
 
     def loss(
