@@ -126,6 +126,9 @@ def test_stage2_checkpoint_describes_itself(ldm_run):
         "zero_terminal_snr": True,
         "offset_noise": 0.05,
         "min_snr_gamma": 5.0,
+        "timestep_sampling": "logit_normal",  # experiment=tiny's
+        "logit_normal_mean": 0.0,
+        "logit_normal_std": 1.0,
     }
     state = ckpt["state_dict"]
     for prefix in ("unet.", "ema.module.", "codec.autoencoder.", "text_encoder."):
