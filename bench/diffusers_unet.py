@@ -4,11 +4,11 @@
     python bench/run.py diffusers [--sizes tiny,mid] [--quick]          # the entry point (JSON + markdown)
     python bench/diffusers_unet.py --sizes tiny --rounds 5 --profile     # this file alone; --profile: top ops
 
-The twin: `block_out_channels` = model_channels × channel_mult, `CrossAttnDownBlock2D` / `CrossAttnUpBlock2D`
-where our `attention_resolutions` put a transformer (else `DownBlock2D` / `UpBlock2D`), `layers_per_block` =
-num_res_blocks, heads per level = channels ÷ head_dim (diffusers' `attention_head_dim` is a head count),
-`cross_attention_dim` = context width, linear projections in the transformers (SD2), SD's sinusoidal time
-embedding (flip_sin_to_cos, freq_shift 0), GroupNorm 32 with eps 1e-5. Parameter counts must agree.
+The twin is the network `scripts/export.py` writes for diffusers (`diffusers_unet_config`): `block_out_channels` =
+model_channels × channel_mult, `CrossAttnDownBlock2D` / `CrossAttnUpBlock2D` where our `attention_resolutions` put
+a transformer, `layers_per_block` = num_res_blocks, heads per level (diffusers' `attention_head_dim` is a head
+count), linear projections in the transformers (SD2), SD's sinusoidal time embedding, GroupNorm eps 1e-5. With the
+same weights it computes the same function (tests/test_convert_unet.py).
 
 Timing: `--rounds` rounds after `--warmup` steps of each; in round r both models run `--steps` steps, ours first
 in even rounds and theirs first in odd ones (ABBA: slow drift of a shared machine hits both alike). The speed
@@ -32,34 +32,19 @@ sys.path.insert(0, str(ROOT))
 
 from bench.train_step import SIZES, Case, make_inputs, step_fns, sync, unet_kwargs  # noqa: E402
 from ldm.models import CrossAttentionUNet  # noqa: E402
+from ldm.models.convert_unet import diffusers_unet_config  # noqa: E402
 from ldm.utils.speed import set_tf32, to_channels_last  # noqa: E402
 
 
 def diffusers_twin(kwargs: dict):
-    """`UNet2DConditionModel` with the architecture of `CrossAttentionUNet(**kwargs)`."""
+    """`UNet2DConditionModel` with the architecture of `CrossAttentionUNet(**kwargs)`: the config the diffusers
+    export writes (`ldm.models.convert_unet.diffusers_unet_config`; tests/test_convert_unet.py checks that the
+    same weights give the same outputs in both)."""
     from diffusers import UNet2DConditionModel
 
-    mc, mults = kwargs["model_channels"], list(kwargs["channel_mult"])
-    attn = {int(r) for r in kwargs["attention_resolutions"]}
-    has_attn = [2**level in attn for level in range(len(mults))]
-    widths = [mc * m for m in mults]
-    return UNet2DConditionModel(
-        sample_size=32,
-        in_channels=kwargs["in_channels"],
-        out_channels=kwargs["out_channels"],
-        down_block_types=[("CrossAttnDownBlock2D" if a else "DownBlock2D") for a in has_attn],
-        up_block_types=[("CrossAttnUpBlock2D" if a else "UpBlock2D") for a in reversed(has_attn)],
-        block_out_channels=widths,
-        layers_per_block=kwargs["num_res_blocks"],
-        attention_head_dim=[w // kwargs["head_dim"] for w in widths],  # a head count, despite the name
-        cross_attention_dim=kwargs["context_dim"],
-        transformer_layers_per_block=kwargs["transformer_depth"],
-        use_linear_projection=True,
-        norm_num_groups=kwargs["num_groups"],
-        norm_eps=1e-5,
-        flip_sin_to_cos=True,
-        freq_shift=0,
-    )
+    with torch.device("meta"):
+        ours = CrossAttentionUNet(**kwargs)
+    return UNet2DConditionModel(**diffusers_unet_config(ours, sample_size=32))
 
 
 def _theirs_fn(model):

@@ -141,6 +141,35 @@ def test_stage2_checkpoint_describes_itself(ldm_run):
     assert len(list((Path(result["run_dir"]) / "samples").glob("step_*.png"))) >= 2
 
 
+def test_export_keeps_what_only_diffusers_can_hold(ldm_run, tmp_path):
+    """The quickstart-shaped model (pooled-text projection, 16-group UNet, 8-group autoencoder, zero-terminal-SNR
+    cosine schedule) exports to diffusers exactly and is refused, with the reason, by the SD single-file layout."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    from ldm.export import ExportedParts, export
+
+    ckpt = ldm_run[0]["checkpoint"]
+    with pytest.raises(ValueError, match="zero-terminal-SNR.*export in diffusers format"):
+        export(ckpt, tmp_path / "m.safetensors", format="sd")
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+    summary = export(ckpt, tmp_path / "m", use_ema=False)
+    assert any("class_labels=pooled" in note for note in summary["notes"])
+    parts = ExportedParts(ckpt, use_ema=False)
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "m" / "unet").eval()
+    assert unet.config.class_embed_type == "simple_projection" and unet.config.norm_num_groups == 16
+    assert AutoencoderKL.from_pretrained(tmp_path / "m" / "vae").config.norm_num_groups == 8
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([0, 999])
+    context, pooled = torch.randn(2, 32, 128, generator=g), torch.randn(2, 64, generator=g)
+    with torch.no_grad():
+        expected = parts.unet(x, t, context, pooled=pooled)
+        got = unet(x, t, encoder_hidden_states=context, class_labels=pooled).sample
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    scheduler = DDIMScheduler.from_pretrained(tmp_path / "m" / "scheduler")
+    assert scheduler.alphas_cumprod[-1] == 0  # the rescaled schedule travels as its exact betas
+    torch.testing.assert_close(scheduler.alphas_cumprod, parts.diffusion.alphas_cumprod.float())
+
+
 def test_wandb_offline_run_is_written(ldm_run):
     result, _ = ldm_run
     runs = list((Path(result["run_dir"]) / "wandb").glob("offline-run-*"))

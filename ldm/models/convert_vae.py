@@ -178,6 +178,83 @@ def diffusers_to_ldm(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return _finish(out)
 
 
+_TO_DIFFUSERS_RESNET = {"nin_shortcut": "conv_shortcut"}
+_TO_DIFFUSERS_ATTENTION = {
+    "norm": "group_norm",
+    "q": "to_q",
+    "k": "to_k",
+    "v": "to_v",
+    "proj_out": "to_out.0",
+}
+_LDM_KEY = re.compile(
+    r"(?P<side>encoder|decoder)\.(?:(?P<io>conv_in|conv_out|norm_out)"
+    r"|(?P<dir>down|up)\.(?P<level>\d+)\.(?:block\.(?P<j>\d+)\.(?P<part>\w+)|(?P<sample>downsample|upsample)\.conv)"
+    r"|mid\.(?:block_(?P<mid>[12])\.(?P<mid_part>\w+)|attn_1\.(?P<attn>\w+)))" + _P
+)
+
+
+def ldm_to_diffusers(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Our `KLAutoencoder` state dict → diffusers `AutoencoderKL` names (the inverse of `diffusers_to_ldm`):
+    the mid-block attention projections become Linear weights, decoder levels are counted from the lowest
+    resolution."""
+    up = [int(m.group(1)) for k in state_dict if (m := re.match(r"decoder\.up\.(\d+)\.", k))]
+    num_up = max(up) + 1 if up else 0
+    out: dict[str, Tensor] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        if key.startswith(("quant_conv.", "post_quant_conv.")):
+            out[key] = value
+            continue
+        m = _LDM_KEY.fullmatch(key)
+        if m is None:
+            unknown.append(key)
+            continue
+        g, side, p = m.groupdict(), m["side"], m["p"]
+        if g["io"]:
+            out[f"{side}.{'conv_norm_out' if g['io'] == 'norm_out' else g['io']}.{p}"] = value
+        elif g["attn"]:
+            name = _TO_DIFFUSERS_ATTENTION[g["attn"]]
+            linear = p == "weight" and name != "group_norm"
+            out[f"{side}.mid_block.attentions.0.{name}.{p}"] = value[:, :, 0, 0] if linear else value
+        elif g["mid"]:
+            part = _TO_DIFFUSERS_RESNET.get(g["mid_part"], g["mid_part"])
+            out[f"{side}.mid_block.resnets.{int(g['mid']) - 1}.{part}.{p}"] = value
+        else:
+            level = int(g["level"]) if g["dir"] == "down" else num_up - 1 - int(g["level"])
+            prefix = f"{side}.{g['dir']}_blocks.{level}"
+            if g["sample"]:
+                out[f"{prefix}.{g['sample']}rs.0.conv.{p}"] = value
+            else:
+                part = _TO_DIFFUSERS_RESNET.get(g["part"], g["part"])
+                out[f"{prefix}.resnets.{g['j']}.{part}.{p}"] = value
+    if unknown:
+        raise ValueError(f"{len(unknown)} keys are not KLAutoencoder entries: {_preview(unknown)}")
+    return out
+
+
+def diffusers_vae_config(
+    config: Mapping, scaling_factor: float, shift_factor: float, sample_size: int
+) -> dict:
+    """diffusers `AutoencoderKL` keyword arguments (its config.json) for `KLAutoencoder(**config)`; the latent
+    normalisation is diffusers' z_model = (z - shift_factor) * scaling_factor, the same as ours."""
+    levels = len(config["channel_mult"])
+    return {
+        "in_channels": config["in_channels"],
+        "out_channels": config["out_channels"],
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "block_out_channels": [config["base_channels"] * m for m in config["channel_mult"]],
+        "layers_per_block": config["num_res_blocks"],
+        "latent_channels": config["latent_channels"],
+        "norm_num_groups": config["num_groups"],
+        "sample_size": sample_size,
+        "scaling_factor": float(scaling_factor),
+        "shift_factor": float(shift_factor) if shift_factor else None,
+        "mid_block_add_attention": bool(config["mid_attention"]),
+        "act_fn": "silu",
+    }
+
+
 def to_ldm(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], Layout]:
     """Any supported layout → (our state dict, the source layout)."""
     layout = detect_layout(state_dict)

@@ -1,0 +1,481 @@
+"""Export a stage-2 checkpoint for the tools the rest of the field uses: a diffusers folder or an SD single file.
+
+- ``diffusers``: a `StableDiffusionPipeline` folder: `unet/` (`UNet2DConditionModel`), `vae/` (`AutoencoderKL`, with
+  our latent scale and shift as `scaling_factor` / `shift_factor`), `scheduler/` (`DDIMScheduler` with the exact
+  training betas, the prediction type and the configured sampler's timestep spacing), `text_encoder/` + `tokenizer/`
+  (the OpenCLIP text tower as a `transformers` CLIPTextModel, as Stability converted SD2's: with `layer:
+  penultimate` the last block is dropped, so its final-LayerNorm output is SD2's conditioning; the same BPE
+  vocabulary, padded with "!" = id 0 as open_clip pads), `model_index.json`. `StableDiffusionPipeline.
+  from_pretrained(folder)` then takes prompt strings.
+- ``sd``: one `.safetensors` in the CompVis layout of Stable Diffusion 2 (`model.diffusion_model.*`,
+  `first_stage_model.*`, `cond_stage_model.model.*` = the OpenCLIP text tower, as SD2's FrozenOpenCLIPEmbedder
+  holds it) plus its inference `.yaml` (`scale_factor` = our latent scale, `parameterization`, schedule). This is the
+  file ComfyUI and AUTOMATIC1111 load and diffusers' `from_single_file` converts. It holds only what SD2's layout
+  can say: 32-group GroupNorms, no pooled-text or micro-conditioning inputs, zero latent shift, and a schedule
+  CompVis can name (scaled_linear, linear or cosine, without zero-terminal-SNR rescaling or a schedule shift).
+
+Both take the EMA weights by default. Every export is checked before it is written (`ldm.models.convert_unet`
+refuses architectures with no exact twin, naming the reason); the tests load both with diffusers' own classes and
+converters and compare outputs with ours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Literal
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ldm.diffusion import GaussianDiffusion
+from ldm.inference import is_inpainting_unet
+from ldm.models.convert_unet import (
+    COMPVIS_UNET_PREFIX,
+    compvis_unet_params,
+    diffusers_unet_config,
+    group_counts,
+    unet_to_layout,
+)
+from ldm.models.convert_vae import WRAPPER_PREFIX as COMPVIS_VAE_PREFIX
+from ldm.models.convert_vae import diffusers_vae_config, ldm_to_diffusers
+from ldm.utils.checkpoint import CONTENTS_KEY, WEIGHTS_ONLY, load_bundle, submodule_state
+
+Format = Literal["diffusers", "sd"]
+FORMATS = ("diffusers", "sd")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+COMPVIS_TEXT_PREFIX = "cond_stage_model.model."  # SD2's FrozenOpenCLIPEmbedder keeps the open_clip model here
+DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+COMPVIS_PARAMETERIZATION = {"eps": "eps", "v": "v", "x0": "x0"}
+COMPVIS_SCHEDULE = {"scaled_linear": "linear", "linear": "sqrt_linear", "cosine": "cosine"}  # CompVis' names
+DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers whose configs carry every field written here
+
+
+class ExportedParts:
+    """A diffusion checkpoint's networks, rebuilt from its stored config without building the text tower (whose
+    pretrained weights may not be on this machine; only the `sd` format needs them)."""
+
+    def __init__(self, path: str | os.PathLike, use_ema: bool = True):
+        from ldm.utils.hydra_build import build_autoencoder, build_denoising_parts
+
+        self.path = Path(path)
+        self.bundle, ckpt = load_bundle(path)
+        if self.bundle.get("stage") != "diffusion":
+            raise ValueError(
+                f"{path} is a '{self.bundle.get('stage')}' checkpoint; export needs a diffusion (stage 2) one"
+            )
+        if not use_ema and self.bundle.get(CONTENTS_KEY) == WEIGHTS_ONLY:
+            raise ValueError(f"{path} is a weights-only checkpoint: it holds the EMA weights only (use_ema)")
+        self.cfg = self.bundle["config"]
+        self.state = ckpt["state_dict"]
+        self.use_ema = use_ema
+        self.unet_state = submodule_state(self.state, "ema.module" if use_ema else "unet")
+        pooled = self.unet_state.get("pooled_proj.weight")
+        stand_in = SimpleNamespace(  # what the UNet's constructor reads off a text encoder
+            width=self.bundle["text_encoder"]["width"], pooled_dim=None if pooled is None else pooled.shape[1]
+        )
+        parts = build_denoising_parts(self.cfg, text_encoder=stand_in)
+        self.unet = parts["unet"].eval()
+        if is_inpainting_unet(self.unet):
+            raise ValueError(
+                f"{path} is an inpainting model: its extra input is [mask, latents zeroed where masked], while SD's "
+                "and diffusers' inpainting pipelines encode the masked image instead; exporting it is not supported"
+            )
+        self.unet.load_state_dict(self.unet_state)
+        self.diffusion: GaussianDiffusion = parts["diffusion"]
+        self.autoencoder = build_autoencoder(self.cfg).eval()
+        codec = submodule_state(self.state, "codec")
+        self.autoencoder.load_state_dict(submodule_state(codec, "autoencoder"))
+        self.latent_scale = float(codec["scale"])
+        self.latent_shift = float(codec["shift"])
+        self.resolution = int(self.cfg["data"]["resolution"])
+        self.latent_size = self.resolution // self.autoencoder.downsample_factor
+        self.step = ckpt.get("global_step")
+
+    @property
+    def text_identity(self) -> dict:
+        return dict(self.bundle["text_encoder"])
+
+    def text_state(self) -> dict[str, Tensor]:
+        """The OpenCLIP text tower's weights, names as in an open_clip CLIP model (no `text.` prefix): from the
+        checkpoint for a randomly initialised tower, else loaded from its tag or file (MissingWeightsError says
+        which file is missing offline)."""
+        if self.text_identity["weights_in_checkpoint"]:
+            state = submodule_state(self.state, "text_encoder")
+        else:
+            from ldm.utils.hydra_build import build_text_encoder
+
+            state = build_text_encoder(self.cfg).state_dict()
+        return submodule_state(state, "text")
+
+    def source(self) -> dict:
+        """Provenance: the source checkpoint, its step, which weights."""
+        return {
+            "checkpoint": str(self.path.resolve()),
+            "sha256": _sha256(self.path),
+            "global_step": self.step,
+            "weights": "ema" if self.use_ema else "raw",
+            "diffusion": self.diffusion.describe(),
+            "text_encoder": self.text_identity,
+            "resolution": self.resolution,
+        }
+
+
+def export(
+    ckpt: str | os.PathLike,
+    out: str | os.PathLike,
+    format: Format = "diffusers",
+    use_ema: bool = True,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> dict:
+    """Write `ckpt` as `format` to `out` (a folder for diffusers, a `.safetensors` path for sd); returns a summary.
+
+    Everything is written to a temporary sibling and renamed into place at the end: an interrupted export leaves
+    no half-written model behind."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; valid: {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    out = Path(out)
+    if format == "sd" and out.suffix != ".safetensors":
+        raise ValueError(f"the sd format writes one .safetensors file; got out={out}")
+    targets = [out] if format == "diffusers" else [out, out.with_suffix(".yaml")]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{', '.join(existing)} exists; pass overwrite=True (--overwrite) to replace it"
+        )
+    parts = ExportedParts(ckpt, use_ema=use_ema)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if format == "diffusers":
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            summary = _write_diffusers(parts, tmp, DTYPES[dtype])
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        summary = _write_sd(parts, out, DTYPES[dtype])
+    return {"format": format, "out": str(out), "dtype": dtype, **summary, "source": parts.source()}
+
+
+def _cast(state: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def _vae_config(parts: ExportedParts) -> dict:
+    config = dict(parts.cfg["autoencoder"])
+    config.pop("_target_", None)
+    groups = group_counts(parts.autoencoder)
+    if len(groups) != 1:
+        raise ValueError(
+            f"the autoencoder's GroupNorms use {sorted(groups)} groups (a narrow width fell back to a divisor of "
+            "num_groups); diffusers' AutoencoderKL uses one count: it cannot be exported exactly"
+        )
+    config["num_groups"] = groups.pop()
+    return config
+
+
+def scheduler_config(parts: ExportedParts) -> dict:
+    """diffusers `DDIMScheduler` config: the exact training betas (any schedule, rescaling or shift), prediction
+    type, and the spacing and step convention of our DDIM sampler (no offset; alpha_bar after the last step = 1)."""
+    sampler = parts.cfg.get("sampler") or {}
+    return {
+        "_class_name": "DDIMScheduler",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "num_train_timesteps": parts.diffusion.num_timesteps,
+        "trained_betas": [float(b) for b in parts.diffusion.betas],
+        "beta_schedule": "linear",  # ignored when trained_betas are given
+        "prediction_type": DIFFUSERS_PREDICTION[parts.diffusion.prediction],
+        "timestep_spacing": sampler.get("timestep_spacing", "leading"),
+        "steps_offset": 0,
+        "set_alpha_to_one": True,
+        "clip_sample": False,
+        "thresholding": False,
+        "rescale_betas_zero_snr": False,  # already in trained_betas when the model was trained with it
+    }
+
+
+def _write_diffusers(parts: ExportedParts, root: Path, dtype: torch.dtype) -> dict:
+    unet_config = diffusers_unet_config(parts.unet, parts.latent_size)
+    vae = _vae_config(parts)
+    vae_config = diffusers_vae_config(vae, parts.latent_scale, parts.latent_shift, parts.resolution)
+    unet_state = unet_to_layout(parts.unet.state_dict(), parts.unet, "diffusers")
+    vae_state = ldm_to_diffusers(parts.autoencoder.state_dict())
+    for name, config, state, cls in (
+        ("unet", unet_config, unet_state, "UNet2DConditionModel"),
+        ("vae", vae_config, vae_state, "AutoencoderKL"),
+    ):
+        _write_json(
+            root / name / "config.json",
+            {"_class_name": cls, "_diffusers_version": DIFFUSERS_VERSION, **config},
+        )
+        save_file(_cast(state, dtype), root / name / "diffusion_pytorch_model.safetensors")
+    _write_json(root / "scheduler" / "scheduler_config.json", scheduler_config(parts))
+    text_config, text_state = hf_clip_text(parts)
+    _write_json(root / "text_encoder" / "config.json", text_config)
+    save_file(_cast(text_state, dtype), root / "text_encoder" / "model.safetensors")
+    _write_tokenizer(root / "tokenizer", parts.text_identity, text_config["max_position_embeddings"])
+    model_index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+    }
+    _write_json(root / "model_index.json", model_index)
+    _write_json(root / "ldm_export.json", parts.source())
+    notes = []
+    if parts.unet.pooled_proj is not None:
+        notes.append(
+            "the UNet adds a projection of the pooled text embedding (class_embed_type='simple_projection'): "
+            "call it with class_labels=pooled; StableDiffusionPipeline does not pass it"
+        )
+    if parts.latent_shift:
+        notes.append(
+            f"latent shift {parts.latent_shift:g} is stored as vae shift_factor; StableDiffusionPipeline ignores "
+            "it (it divides by scaling_factor only)"
+        )
+    return {"unet_config": unet_config, "vae_config": vae_config, "notes": notes}
+
+
+def sd_inference_config(parts: ExportedParts) -> dict:
+    """The CompVis inference config (`v2-inference.yaml` style) of an SD single-file export; a ValueError when
+    the training schedule has no CompVis name."""
+    d = parts.diffusion
+    if d.zero_terminal_snr or d.schedule_shift != 1.0 or d.schedule not in COMPVIS_SCHEDULE:
+        raise ValueError(
+            f"the training schedule ({d.describe()}) has no CompVis name (zero-terminal-SNR rescaling and schedule "
+            "shifts cannot be written in an SD inference yaml): export in diffusers format, whose scheduler holds "
+            "the exact betas"
+        )
+    if parts.latent_shift:
+        raise ValueError(
+            f"latent shift {parts.latent_shift:g}: SD's layout has a scale_factor only; export in diffusers format"
+        )
+    vae = _vae_config(parts)
+    if vae["num_groups"] != 32:
+        raise ValueError(
+            f"the autoencoder's GroupNorms have {vae['num_groups']} groups; CompVis' AutoencoderKL always uses 32: "
+            "export in diffusers format instead"
+        )
+    identity = parts.text_identity
+    sd_cfg = parts.cfg["diffusion"]
+    return {
+        "model": {
+            "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+            "params": {
+                "parameterization": COMPVIS_PARAMETERIZATION[d.prediction],
+                "beta_schedule": COMPVIS_SCHEDULE[d.schedule],
+                "linear_start": float(sd_cfg.get("beta_start", 0.00085)),
+                "linear_end": float(sd_cfg.get("beta_end", 0.012)),
+                "num_timesteps_cond": 1,
+                "log_every_t": 200,
+                "timesteps": d.num_timesteps,
+                "first_stage_key": "jpg",
+                "cond_stage_key": "txt",
+                "image_size": parts.latent_size,
+                "channels": parts.autoencoder.latent_channels,
+                "cond_stage_trainable": False,
+                "conditioning_key": "crossattn",
+                "monitor": "val/loss_simple_ema",
+                "scale_factor": parts.latent_scale,
+                "use_ema": False,
+                "unet_config": {
+                    "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+                    "params": compvis_unet_params(parts.unet, parts.latent_size),
+                },
+                "first_stage_config": {
+                    "target": "ldm.models.autoencoder.AutoencoderKL",
+                    "params": {
+                        "embed_dim": vae["latent_channels"],
+                        "monitor": "val/rec_loss",
+                        "ddconfig": {
+                            "double_z": True,
+                            "z_channels": vae["latent_channels"],
+                            "resolution": parts.resolution,
+                            "in_channels": vae["in_channels"],
+                            "out_ch": vae["out_channels"],
+                            "ch": vae["base_channels"],
+                            "ch_mult": list(vae["channel_mult"]),
+                            "num_res_blocks": vae["num_res_blocks"],
+                            "attn_resolutions": [],
+                            "dropout": 0.0,
+                            "attn_type": "vanilla" if vae["mid_attention"] else "none",
+                        },
+                        "lossconfig": {"target": "torch.nn.Identity"},
+                    },
+                },
+                "cond_stage_config": {
+                    "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                    "params": {
+                        "freeze": True,
+                        "layer": identity["layer"],
+                        "arch": identity["model_name"],
+                        "version": identity["pretrained"]
+                        if isinstance(identity["pretrained"], str)
+                        else None,
+                    },
+                },
+            },
+        }
+    }
+
+
+def _write_sd(parts: ExportedParts, out: Path, dtype: torch.dtype) -> dict:
+    import yaml
+
+    config = sd_inference_config(parts)  # checks everything before the text tower is loaded
+    state = {
+        COMPVIS_UNET_PREFIX + k: v
+        for k, v in unet_to_layout(parts.unet.state_dict(), parts.unet, "compvis").items()
+    }
+    state.update({COMPVIS_VAE_PREFIX + k: v for k, v in parts.autoencoder.state_dict().items()})
+    state.update({COMPVIS_TEXT_PREFIX + k: v for k, v in parts.text_state().items()})
+    metadata = {"format": "pt", "ldm_export": json.dumps(parts.source())}
+    yaml_path = out.with_suffix(".yaml")
+    tmp, tmp_yaml = (p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in (out, yaml_path))
+    try:
+        save_file(_cast(state, dtype), tmp, metadata=metadata)
+        tmp_yaml.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        os.replace(tmp, out)
+        os.replace(tmp_yaml, yaml_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp_yaml.unlink(missing_ok=True)
+    return {"config": str(yaml_path), "tensors": len(state), "notes": []}
+
+
+def hf_clip_text(parts: ExportedParts) -> tuple[dict, dict[str, Tensor]]:
+    """(transformers `CLIPTextModel` config, its state dict) for the checkpoint's OpenCLIP text tower: the blocks
+    SD's conditioning layer uses (penultimate: all but the last), then the final LayerNorm; the attention's packed
+    in-projection split into q/k/v."""
+    identity = parts.text_identity
+    state = parts.text_state()
+    blocks = sorted({int(k.split(".")[2]) for k in state if k.startswith("transformer.resblocks.")})
+    used = blocks[:-1] if identity["layer"] == "penultimate" else blocks
+    width = state["token_embedding.weight"].shape[1]
+    out = {
+        "text_model.embeddings.token_embedding.weight": state["token_embedding.weight"],
+        "text_model.embeddings.position_embedding.weight": state["positional_embedding"],
+        "text_model.final_layer_norm.weight": state["ln_final.weight"],
+        "text_model.final_layer_norm.bias": state["ln_final.bias"],
+    }
+    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}  # fmt: skip
+    for i in used:
+        src, dst = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
+        for p in ("weight", "bias"):
+            for ours, theirs in names.items():
+                out[f"{dst}{theirs}.{p}"] = state[f"{src}{ours}.{p}"]
+            q, k, v = state[f"{src}attn.in_proj_{p}"].chunk(3)
+            out.update(
+                {
+                    f"{dst}self_attn.q_proj.{p}": q,
+                    f"{dst}self_attn.k_proj.{p}": k,
+                    f"{dst}self_attn.v_proj.{p}": v,
+                }
+            )
+    heads = _openclip_heads(identity["model_name"])
+    config = {
+        "_name_or_path": f"ldm export of OpenCLIP {identity['model_name']} ({identity['pretrained'] or 'trained from scratch'})",
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": state["token_embedding.weight"].shape[0],
+        "hidden_size": width,
+        "intermediate_size": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        "projection_dim": state["text_projection"].shape[-1] if "text_projection" in state else width,
+        "num_hidden_layers": len(used),
+        "num_attention_heads": heads,
+        "max_position_embeddings": state["positional_embedding"].shape[0],
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+        "attention_dropout": 0.0,
+        "dropout": 0.0,
+        "initializer_range": 0.02,
+        "initializer_factor": 1.0,
+        "pad_token_id": 0,  # open_clip pads with 0 ("!")
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "torch_dtype": "float32",
+    }
+    return config, out
+
+
+def _openclip_heads(model_name: str) -> int:
+    """The text tower's head count: stored in no tensor, so read from the open_clip model config."""
+    import open_clip
+
+    from ldm.conditioning import openclip  # noqa: F401  (registers the project's own tower configs)
+
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ValueError(f"no open_clip config for text tower {model_name!r}: cannot tell its head count")
+    text = cfg["text_cfg"]
+    return int(text.get("heads", text.get("width", 512) // 64))
+
+
+def _write_tokenizer(folder: Path, identity: dict, max_length: int) -> None:
+    """CLIPTokenizer files with open_clip's BPE vocabulary (the one both CLIP and OpenCLIP use)."""
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer(identity["model_name"])
+    if not isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer):
+        raise ValueError(
+            f"{identity['model_name']} uses a {type(tokenizer).__name__}, not CLIP's BPE tokenizer: "
+            "the diffusers export writes CLIPTokenizer files only"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    # open_clip names its start/end tokens <start_of_text>/<end_of_text>; CLIP's (and transformers') are these
+    renamed = {tokenizer.sot_token_id: "<|startoftext|>", tokenizer.eot_token_id: "<|endoftext|>"}
+    vocab = {renamed.get(i, token): i for token, i in tokenizer.encoder.items()}
+    _write_json(folder / "vocab.json", vocab)
+    merges = sorted(tokenizer.bpe_ranks.items(), key=lambda item: item[1])
+    lines = ["#version: 0.2", *(" ".join(pair) for pair, _ in merges)]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "!",
+    }
+    _write_json(folder / "special_tokens_map.json", special)
+    context = identity.get("context_length") or max_length
+    _write_json(
+        folder / "tokenizer_config.json",
+        {
+            "tokenizer_class": "CLIPTokenizer",
+            "model_max_length": int(context),
+            "do_lower_case": True,
+            **special,
+        },
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,226 @@
+"""scripts/export.py on a real stage-2 checkpoint: the diffusers folder runs in diffusers' own
+StableDiffusionPipeline and gives our sampler's images; the SD single file goes through diffusers' single-file
+converters (the code that reads SD2 checkpoints) to the same networks."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import open_clip
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from ldm.diffusion import DDIMSampler
+from ldm.export import ExportedParts, export
+from ldm.inference import TextToImage
+from ldm.models import KLAutoencoder
+from ldm.utils.checkpoint import atomic_save
+from ldm.utils.sd_import import stage1_checkpoint
+
+from .helpers import FAST, ROOT, compose_train
+
+PROMPTS = ["a red circle on a blue background", "a green star on a white background"]
+
+# SD's layout: 32 GroupNorm groups everywhere, widths multiples of 32, no pooled-text input
+SD_SHAPED = [
+    "unet.model_channels=32",
+    "unet.head_dim=16",
+    "unet.num_groups=32",
+    "unet.pooled_dim=null",
+]
+
+
+def run_cli(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-8000:]
+    return proc
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quiet_diffusers():
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="module")
+def sd_run(synthetic_shards, tmp_path_factory):
+    """A 3-step stage-2 run of an SD-shaped tiny model (cosine schedule, v prediction) on an f2 autoencoder."""
+    from ldm.training.run import train
+
+    root = tmp_path_factory.mktemp("export_run")
+    arch = dict(
+        in_channels=3,
+        out_channels=3,
+        base_channels=32,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        latent_channels=4,
+        mid_attention=True,
+        dropout=0.0,
+        num_groups=32,
+    )
+    torch.manual_seed(0)
+    vae = root / "vae.ckpt"
+    atomic_save(
+        stage1_checkpoint(arch, KLAutoencoder(**arch).state_dict(), latent_scale=0.8, resolution=32), vae
+    )
+    cfg = compose_train(
+        "experiment=tiny",
+        f"data.train_urls={synthetic_shards[0]}",
+        f"autoencoder_ckpt={vae}",
+        "trainer.max_steps=3",
+        "optim.lr=1e-2",  # a few large steps: the zero-initialised output layer must not stay near zero
+        *SD_SHAPED,
+        *FAST,
+        run_dir=str(root / "run"),
+    )
+    return train(cfg)["checkpoint"]
+
+
+def test_diffusers_folder_runs_in_stable_diffusion_pipeline(sd_run, tmp_path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    out = tmp_path / "model"
+    # the raw weights: after 3 steps the EMA is still nearly the zero-output initial UNet
+    summary = export(sd_run, out, format="diffusers", use_ema=False)
+    assert summary["source"]["weights"] == "raw" and summary["source"]["global_step"] == 3
+    assert not summary["notes"]
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    assert pipe.vae.config.scaling_factor == pytest.approx(0.8)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+
+    ours, _ = TextToImage.from_checkpoint(sd_run, use_ema=False)
+    torch.testing.assert_close(  # the exact training schedule (float32 in diffusers)
+        pipe.scheduler.alphas_cumprod, ours.diffusion.alphas_cumprod.float(), rtol=1e-5, atol=1e-7
+    )
+    # the OpenCLIP tower as a transformers CLIPTextModel: same token ids, same conditioning (penultimate layer)
+    ids = pipe.tokenizer(
+        PROMPTS + [""], padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
+    torch.testing.assert_close(ids, ours.text_encoder.tokenize(PROMPTS + [""]))
+    with torch.no_grad():
+        hidden = pipe.text_encoder(ids).last_hidden_state
+    torch.testing.assert_close(hidden, ours.text_encoder(PROMPTS + [""]).tokens, rtol=1e-5, atol=1e-5)
+
+    seeds, guidance, steps = [3, 4], 2.5, 6
+    expected = ours(PROMPTS, DDIMSampler(num_steps=steps), guidance_scale=guidance, seeds=seeds)
+    noise = torch.stack(
+        [torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    )  # as TextToImage draws it: seed i → noise of image i
+    got = pipe(
+        PROMPTS,
+        latents=noise,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=32,
+        width=32,
+        output_type="pt",
+    ).images
+    assert got.shape == expected.shape == (2, 3, 32, 32)
+    assert (expected[0] - expected[1]).abs().mean() > 0.01  # the prompts and seeds give different images
+    # float32 schedule in diffusers vs our float64 one: a few 1e-4 apart in [0, 1] pixels
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-3)
+    # ... while reading the network's output as the wrong parameterization is far outside that
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="epsilon")
+    off = pipe(PROMPTS, latents=noise, num_inference_steps=steps, guidance_scale=guidance, output_type="pt")
+    assert (off.images - expected).abs().max() > 1e-2
+
+
+def test_diffusers_unet_matches_ours_on_exported_weights(sd_run, tmp_path):
+    """Tight check of the network alone (the pipeline test above also runs scheduler and VAE)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    export(sd_run, tmp_path / "m", format="diffusers", use_ema=False)
+    parts = ExportedParts(sd_run, use_ema=False)
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "m" / "unet").eval()
+    g = torch.Generator().manual_seed(0)
+    x, t, context = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([5, 900]), torch.randn(2, 32, 128)
+    with torch.no_grad():
+        expected = parts.unet(x, t, context)
+        got = unet(x, t, encoder_hidden_states=context).sample
+    assert expected.abs().mean() > 1e-3  # the trained output layer is no longer zero
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    vae = AutoencoderKL.from_pretrained(tmp_path / "m" / "vae").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(x).sample, parts.autoencoder.decode(x), rtol=1e-4, atol=1e-5)
+
+
+def test_sd_single_file_reads_back_through_diffusers_converters(sd_run, tmp_path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        create_unet_diffusers_config_from_ldm,
+        create_vae_diffusers_config_from_ldm,
+    )
+
+    out = tmp_path / "model.safetensors"
+    summary = export(sd_run, out, format="sd", dtype="float32")
+    checkpoint = load_file(out)
+    with safe_open(out, "pt") as f:
+        assert json.loads(f.metadata()["ldm_export"])["global_step"] == 3
+    original_config = yaml.safe_load(out.with_suffix(".yaml").read_text())
+    assert summary["config"] == str(out.with_suffix(".yaml"))
+    params = original_config["model"]["params"]
+    assert params["parameterization"] == "v" and params["beta_schedule"] == "cosine"
+    assert params["scale_factor"] == pytest.approx(0.8)
+    prefixes = {k.split(".")[0] for k in checkpoint}
+    assert prefixes == {"model", "first_stage_model", "cond_stage_model"}
+
+    parts = ExportedParts(sd_run)
+    with pytest.warns(FutureWarning):
+        unet_config = create_unet_diffusers_config_from_ldm(original_config, checkpoint, image_size=32)
+    unet = UNet2DConditionModel(**unet_config).eval()
+    unet.load_state_dict(convert_ldm_unet_checkpoint(checkpoint, unet_config), strict=True)
+    g = torch.Generator().manual_seed(0)
+    x, t, context = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([5, 900]), torch.randn(2, 32, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            unet(x, t, encoder_hidden_states=context).sample, parts.unet(x, t, context), rtol=1e-5, atol=1e-7
+        )
+    with pytest.warns(FutureWarning):
+        vae_config = create_vae_diffusers_config_from_ldm(original_config, checkpoint, image_size=32)
+    assert vae_config["scaling_factor"] == pytest.approx(0.8)
+    vae = AutoencoderKL(**vae_config).eval()
+    vae.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, vae_config), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(x).sample, parts.autoencoder.decode(x), rtol=1e-4, atol=1e-5)
+
+    # the text tower sits where SD2's FrozenOpenCLIPEmbedder keeps its open_clip model
+    clip = open_clip.create_model("ldm-tiny-text", pretrained=None)  # a plain CLIP, as SD2 builds it
+    text = {
+        k.removeprefix("cond_stage_model.model."): v for k, v in checkpoint.items() if k.startswith("cond_")
+    }
+    result = clip.load_state_dict(text, strict=False)
+    assert not result.unexpected_keys
+    assert all(k.startswith("visual.") or k == "logit_scale" for k in result.missing_keys)
+    ours, _ = TextToImage.from_checkpoint(sd_run)
+    tokens = ours.text_encoder.tokenize(PROMPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(clip.encode_text(tokens), ours.text_encoder(PROMPTS).pooled)
+
+
+def test_export_cli_refuses_and_overwrites(sd_run, tmp_path):
+    out = tmp_path / "m"
+    run_cli(["scripts/export.py", sd_run, str(out), "--dtype", "float16"])
+    unet = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in unet.values()} == {torch.float16}
+    assert json.loads((out / "ldm_export.json").read_text())["weights"] == "ema"
+    proc = run_cli(["scripts/export.py", sd_run, str(out)], check=False)
+    assert proc.returncode != 0 and "exists; pass overwrite=True (--overwrite)" in proc.stderr
+    run_cli(["scripts/export.py", sd_run, str(out), "--overwrite"])
+    assert {v.dtype for v in load_file(out / "unet" / "diffusion_pytorch_model.safetensors").values()} == {
+        torch.float32
+    }
+    assert not list(tmp_path.glob(".*tmp*"))  # nothing half-written left beside it
+    proc = run_cli(["scripts/export.py", sd_run, str(tmp_path / "x.ckpt"), "--format", "sd"], check=False)
+    assert proc.returncode == 2 and "writes one .safetensors file" in proc.stderr
