@@ -193,7 +193,7 @@ def _vae_config(parts: ExportedParts) -> dict:
 
 def scheduler_config(parts: ExportedParts) -> dict:
     """diffusers `DDIMScheduler` config: the exact training betas (any schedule, rescaling or shift), prediction
-    type, and the spacing and step convention of our DDIM sampler (no offset; alpha_bar after the last step = 1)."""
+    type, and the spacing of our DDIM sampler (alpha_bar after the last step = 1, as ours)."""
     sampler = parts.cfg.get("sampler") or {}
     return {
         "_class_name": "DDIMScheduler",
@@ -203,7 +203,10 @@ def scheduler_config(parts: ExportedParts) -> dict:
         "beta_schedule": "linear",  # ignored when trained_betas are given
         "prediction_type": DIFFUSERS_PREDICTION[parts.diffusion.prediction],
         "timestep_spacing": sampler.get("timestep_spacing", "leading"),
-        "steps_offset": 0,
+        # diffusers' SD pipelines force steps_offset=1 (with a deprecation warning otherwise): "leading" spacing then
+        # walks t + 1 where our DDIM walks t, a one-step shift of SD's own convention; trailing and linspace spacings
+        # ignore the offset and walk exactly our timesteps
+        "steps_offset": 1,
         "set_alpha_to_one": True,
         "clip_sample": False,
         "thresholding": False,
@@ -429,7 +432,11 @@ def _openclip_heads(model_name: str) -> int:
 
     from ldm.conditioning import openclip  # noqa: F401  (registers the project's own tower configs)
 
-    cfg = open_clip.get_model_config(model_name)
+    if model_name.startswith("local-dir:"):  # a folder with open_clip_config.json + weights
+        config_file = Path(model_name.removeprefix("local-dir:")) / "open_clip_config.json"
+        cfg = json.loads(config_file.read_text(encoding="utf-8")).get("model_cfg")
+    else:
+        cfg = open_clip.get_model_config(model_name)
     if cfg is None:
         raise ValueError(f"no open_clip config for text tower {model_name!r}: cannot tell its head count")
     text = cfg["text_cfg"]

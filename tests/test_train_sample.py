@@ -167,6 +167,7 @@ def test_export_keeps_what_only_diffusers_can_hold(ldm_run, tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
     scheduler = DDIMScheduler.from_pretrained(tmp_path / "m" / "scheduler")
     assert scheduler.alphas_cumprod[-1] == 0  # the rescaled schedule travels as its exact betas
+    assert scheduler.config.timestep_spacing == "leading" and scheduler.config.steps_offset == 1
     torch.testing.assert_close(scheduler.alphas_cumprod, parts.diffusion.alphas_cumprod.float())
 
 
