@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -20,7 +21,7 @@ from ldm.diffusion import DDIMSampler
 from ldm.export import ExportedParts, export
 from ldm.inference import TextToImage
 from ldm.models import KLAutoencoder
-from ldm.utils.checkpoint import atomic_save
+from ldm.utils.checkpoint import atomic_save, load_bundle
 from ldm.utils.sd_import import stage1_checkpoint
 
 from .helpers import FAST, ROOT, compose_train
@@ -216,9 +217,9 @@ def test_sd_single_file_reads_back_through_diffusers_converters(sd_run, tmp_path
         torch.testing.assert_close(clip.encode_text(tokens), ours.text_encoder(PROMPTS).pooled)
 
 
-def export_main(argv: list[str]) -> dict:
-    """scripts/export.py's main, in this process."""
-    spec = importlib.util.spec_from_file_location("export_cli", ROOT / "scripts" / "export.py")
+def cli_main(script: str, argv: list[str]):
+    """A scripts/ entry point's main, in this process."""
+    spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / "scripts" / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main(argv)
@@ -231,19 +232,57 @@ def test_export_cli_refuses_and_overwrites(sd_run, tmp_path, capsys):
     assert {v.dtype for v in unet.values()} == {torch.float16}
     assert json.loads((out / "ldm_export.json").read_text())["weights"] == "ema"
     with pytest.raises(SystemExit) as exit_info:
-        export_main([sd_run, str(out)])
+        cli_main("export.py", [sd_run, str(out)])
     assert (
         exit_info.value.code == 2 and "exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
     )
-    summary = export_main([sd_run, str(out), "--overwrite", "--raw"])
+    summary = cli_main("export.py", [sd_run, str(out), "--overwrite", "--raw"])
     assert summary["source"]["weights"] == "raw"
     assert {v.dtype for v in load_file(out / "unet" / "diffusion_pytorch_model.safetensors").values()} == {
         torch.float32
     }
     assert not list(tmp_path.glob(".*tmp*"))  # nothing half-written left beside it
     with pytest.raises(SystemExit):
-        export_main([sd_run, str(tmp_path / "x.ckpt"), "--format", "sd"])
+        cli_main("export.py", [sd_run, str(tmp_path / "x.ckpt"), "--format", "sd"])
     assert "writes one .safetensors file" in capsys.readouterr().err
+
+
+def test_sd_single_file_imports_back_to_the_same_model(sd_run, synthetic_shards, tmp_path):
+    """export --format sd → import_sd.py → the same images from sample.py's pipeline, and a run that trains on."""
+    from ldm.training.run import train
+
+    export(sd_run, tmp_path / "model.safetensors", format="sd")
+    bundle = cli_main("import_sd.py", [str(tmp_path / "model.safetensors"), str(tmp_path / "imported")])
+    assert bundle["contents"] == "weights_only" and bundle["latent_scale"] == pytest.approx(0.8)
+    assert (
+        bundle["text_encoder"]["weights_in_checkpoint"] and bundle["text_encoder"]["layer"] == "penultimate"
+    )
+    assert bundle["diffusion"]["prediction"] == "v" and bundle["diffusion"]["schedule"] == "cosine"
+
+    original, _ = TextToImage.from_checkpoint(sd_run)
+    imported, _ = TextToImage.from_checkpoint(tmp_path / "imported" / "model.ckpt")
+    sampler = DDIMSampler(num_steps=4)
+    expected = original(PROMPTS, sampler, guidance_scale=2.5, seeds=[0, 1])
+    assert torch.equal(imported(PROMPTS, sampler, guidance_scale=2.5, seeds=[0, 1]), expected)
+
+    cfg = compose_train(  # the imported model as the start of a new run (its autoencoder comes with it)
+        "experiment=tiny",
+        f"data.train_urls={synthetic_shards[0]}",
+        f"init_from={tmp_path / 'imported' / 'model.ckpt'}",
+        "trainer.max_steps=2",
+        *SD_SHAPED,
+        *FAST,
+        run_dir=str(tmp_path / "run"),
+    )
+    result = train(cfg)
+    _, ckpt = load_bundle(result["checkpoint"])
+    first_conv = "unet.input_blocks.0.0.weight"
+    moved = ckpt["state_dict"][first_conv] - imported.unet.state_dict()["input_blocks.0.0.weight"]
+    assert 0 < moved.abs().max() < 0.05  # two small optimizer steps away from the imported weights
+
+    with pytest.raises(SystemExit):  # no yaml beside the file: a clear error, nothing written
+        cli_main("import_sd.py", [str(tmp_path / "imported" / "model.ckpt"), str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
 
 
 def test_text_tower_head_count_comes_from_its_open_clip_config(tmp_path):
@@ -257,3 +296,110 @@ def test_text_tower_head_count_comes_from_its_open_clip_config(tmp_path):
     assert _openclip_heads(f"local-dir:{tmp_path}") == 8
     with pytest.raises(ValueError, match="no open_clip config for text tower 'no-such-tower'"):
         _openclip_heads("no-such-tower")
+
+
+# Stability's v2-inference.yaml (SD 2.x base, 512 px, eps), as published with the SD2 weights
+SD2_INFERENCE_YAML = """
+model:
+  base_learning_rate: 1.0e-4
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: 0.00085
+    linear_end: 0.0120
+    num_timesteps_cond: 1
+    log_every_t: 200
+    timesteps: 1000
+    first_stage_key: "jpg"
+    cond_stage_key: "txt"
+    image_size: 64
+    channels: 4
+    cond_stage_trainable: false
+    conditioning_key: crossattn
+    monitor: val/loss_simple_ema
+    scale_factor: 0.18215
+    use_ema: False
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        use_checkpoint: True
+        use_fp16: True
+        image_size: 32 # unused
+        in_channels: 4
+        out_channels: 4
+        model_channels: 320
+        attention_resolutions: [ 4, 2, 1 ]
+        num_res_blocks: 2
+        channel_mult: [ 1, 2, 4, 4 ]
+        num_head_channels: 64
+        use_spatial_transformer: True
+        use_linear_in_transformer: True
+        transformer_depth: 1
+        context_dim: 1024
+        legacy: False
+    first_stage_config:
+      target: ldm.models.autoencoder.AutoencoderKL
+      params:
+        embed_dim: 4
+        monitor: val/rec_loss
+        ddconfig:
+          double_z: true
+          z_channels: 4
+          resolution: 256
+          in_channels: 3
+          out_ch: 3
+          ch: 128
+          ch_mult: [1, 2, 4, 4]
+          num_res_blocks: 2
+          attn_resolutions: []
+          dropout: 0.0
+        lossconfig:
+          target: torch.nn.Identity
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder
+      params:
+        freeze: True
+        layer: "penultimate"
+"""
+
+
+def test_sd2_inference_config_reads_as_our_sd2_recipe():
+    """SD2's own yaml gives exactly the networks of configs/unet/sd2_base.yaml and autoencoder/kl_f8.yaml, SD's
+    schedule, ViT-H-14's penultimate layer and 512 px; what ldm cannot hold is refused by name."""
+    from omegaconf import OmegaConf
+
+    from ldm.models import CrossAttentionUNet
+    from ldm.utils.sd_import import sd_model_nodes
+
+    nodes = sd_model_nodes(yaml.safe_load(SD2_INFERENCE_YAML))
+    ours = {
+        group: OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / f"{group}.yaml"))
+        for group in ("unet/sd2_base", "autoencoder/kl_f8")
+    }
+    unet = {**ours["unet/sd2_base"], "in_channels": 4, "out_channels": 4, "context_dim": 1024}
+    unet.pop("_target_"), unet.pop("dropout"), unet.pop("gradient_checkpointing")
+    assert nodes["unet"] == unet
+    ae = ours["autoencoder/kl_f8"]
+    ae.pop("_target_")
+    assert nodes["autoencoder"] == ae
+    with torch.device("meta"):
+        assert sum(p.numel() for p in CrossAttentionUNet(**nodes["unet"]).parameters()) == 865_910_724
+    assert nodes["diffusion"] == {
+        "schedule": "scaled_linear",
+        "num_timesteps": 1000,
+        "prediction": "eps",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+    }
+    assert (
+        nodes["text_encoder"]["model_name"] == "ViT-H-14" and nodes["text_encoder"]["layer"] == "penultimate"
+    )
+    assert nodes["latent_scale"] == 0.18215 and nodes["resolution"] == 512
+
+    sd1 = yaml.safe_load(SD2_INFERENCE_YAML)
+    sd1["model"]["params"]["cond_stage_config"]["target"] = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
+    with pytest.raises(ValueError, match="SD1's OpenAI CLIP tower does not import"):
+        sd_model_nodes(sd1)
+    inpaint = yaml.safe_load(SD2_INFERENCE_YAML)
+    inpaint["model"]["params"]["conditioning_key"] = "hybrid"
+    with pytest.raises(ValueError, match="only text-to-image"):
+        sd_model_nodes(inpaint)
