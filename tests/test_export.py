@@ -5,9 +5,6 @@ converters (the code that reads SD2 checkpoints) to the same networks."""
 import importlib.util
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import open_clip
@@ -35,16 +32,6 @@ SD_SHAPED = [
     "unet.num_groups=32",
     "unet.pooled_dim=null",
 ]
-
-
-def run_cli(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
-    )
-    if check:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-8000:]
-    return proc
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -227,7 +214,7 @@ def cli_main(script: str, argv: list[str]):
 
 def test_export_cli_refuses_and_overwrites(sd_run, tmp_path, capsys):
     out = tmp_path / "m"
-    run_cli(["scripts/export.py", sd_run, str(out), "--dtype", "float16"])  # the script as a user runs it
+    cli_main("export.py", [sd_run, str(out), "--dtype", "float16"])
     unet = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert {v.dtype for v in unet.values()} == {torch.float16}
     assert json.loads((out / "ldm_export.json").read_text())["weights"] == "ema"
