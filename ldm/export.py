@@ -230,7 +230,7 @@ def _write_diffusers(parts: ExportedParts, root: Path, dtype: torch.dtype) -> di
         )
         save_file(_cast(state, dtype), root / name / "diffusion_pytorch_model.safetensors")
     _write_json(root / "scheduler" / "scheduler_config.json", scheduler_config(parts))
-    text_config, text_state = hf_clip_text(parts)
+    text_config, text_state = hf_clip_text(parts.text_identity, parts.text_state())
     _write_json(root / "text_encoder" / "config.json", text_config)
     save_file(_cast(text_state, dtype), root / "text_encoder" / "model.safetensors")
     _write_tokenizer(root / "tokenizer", parts.text_identity, text_config["max_position_embeddings"])
@@ -370,29 +370,36 @@ def _write_sd(parts: ExportedParts, out: Path, dtype: torch.dtype) -> dict:
     return {"config": str(yaml_path), "tensors": len(state), "notes": []}
 
 
-def hf_clip_text(parts: ExportedParts) -> tuple[dict, dict[str, Tensor]]:
-    """(transformers `CLIPTextModel` config, its state dict) for the checkpoint's OpenCLIP text tower: the blocks
-    SD's conditioning layer uses (penultimate: all but the last), then the final LayerNorm; the attention's packed
-    in-projection split into q/k/v."""
-    identity = parts.text_identity
-    state = parts.text_state()
+def hf_clip_text(identity: Mapping, state: Mapping[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
+    """(transformers `CLIPTextModel` config, its state dict) for an OpenCLIP text tower (`identity` as a checkpoint
+    records it, `state` its weights without the `text.` prefix): the blocks SD's conditioning layer uses
+    (penultimate: all but the last), then the final LayerNorm; the packed attention in-projection split into q/k/v.
+    A ValueError for towers CLIPTextModel computes differently: non-causal attention, layer scale or other extra
+    weights (any tensor left unconverted)."""
+    text_cfg, quick_gelu = _openclip_text_cfg(identity["model_name"], identity.get("pretrained"))
+    if text_cfg.get("no_causal_mask"):
+        raise ValueError(
+            f"{identity['model_name']}'s text tower attends without a causal mask; CLIPTextModel is causal"
+        )
     blocks = sorted({int(k.split(".")[2]) for k in state if k.startswith("transformer.resblocks.")})
     used = blocks[:-1] if identity["layer"] == "penultimate" else blocks
     width = state["token_embedding.weight"].shape[1]
-    out = {
-        "text_model.embeddings.token_embedding.weight": state["token_embedding.weight"],
-        "text_model.embeddings.position_embedding.weight": state["positional_embedding"],
-        "text_model.final_layer_norm.weight": state["ln_final.weight"],
-        "text_model.final_layer_norm.bias": state["ln_final.bias"],
+    sources = {
+        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight": "positional_embedding",
+        "text_model.final_layer_norm.weight": "ln_final.weight",
+        "text_model.final_layer_norm.bias": "ln_final.bias",
     }
     names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
              "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}  # fmt: skip
+    out: dict[str, Tensor] = {}
+    read = set()
     for i in used:
         src, dst = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
         for p in ("weight", "bias"):
-            for ours, theirs in names.items():
-                out[f"{dst}{theirs}.{p}"] = state[f"{src}{ours}.{p}"]
-            q, k, v = state[f"{src}attn.in_proj_{p}"].chunk(3)
+            sources.update({f"{dst}{theirs}.{p}": f"{src}{ours}.{p}" for ours, theirs in names.items()})
+            packed = f"{src}attn.in_proj_{p}"
+            q, k, v = state[packed].chunk(3)
             out.update(
                 {
                     f"{dst}self_attn.q_proj.{p}": q,
@@ -400,9 +407,22 @@ def hf_clip_text(parts: ExportedParts) -> tuple[dict, dict[str, Tensor]]:
                     f"{dst}self_attn.v_proj.{p}": v,
                 }
             )
-    heads = _openclip_heads(identity["model_name"])
+            read.add(packed)
+    out.update({theirs: state[ours] for theirs, ours in sources.items()})
+    read |= set(sources.values())
+    unused_block = f"transformer.resblocks.{blocks[-1]}." if len(used) < len(blocks) else None
+    left = sorted(
+        k
+        for k in state
+        if k not in read and k != "text_projection" and not (unused_block and k.startswith(unused_block))
+    )
+    if left:
+        raise ValueError(
+            f"{identity['model_name']}'s text tower has weights CLIPTextModel has no place for ({', '.join(left[:4])}): "
+            "it would compute something else, so it is not exported"
+        )
     config = {
-        "_name_or_path": f"ldm export of OpenCLIP {identity['model_name']} ({identity['pretrained'] or 'trained from scratch'})",
+        "_name_or_path": f"ldm export of OpenCLIP {identity['model_name']} ({identity.get('pretrained') or 'trained from scratch'})",
         "architectures": ["CLIPTextModel"],
         "model_type": "clip_text_model",
         "vocab_size": state["token_embedding.weight"].shape[0],
@@ -410,9 +430,9 @@ def hf_clip_text(parts: ExportedParts) -> tuple[dict, dict[str, Tensor]]:
         "intermediate_size": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
         "projection_dim": state["text_projection"].shape[-1] if "text_projection" in state else width,
         "num_hidden_layers": len(used),
-        "num_attention_heads": heads,
+        "num_attention_heads": int(text_cfg.get("heads", width // 64)),  # open_clip's default head width: 64
         "max_position_embeddings": state["positional_embedding"].shape[0],
-        "hidden_act": "gelu",
+        "hidden_act": "quick_gelu" if quick_gelu else "gelu",
         "layer_norm_eps": 1e-5,
         "attention_dropout": 0.0,
         "dropout": 0.0,
@@ -426,8 +446,10 @@ def hf_clip_text(parts: ExportedParts) -> tuple[dict, dict[str, Tensor]]:
     return config, out
 
 
-def _openclip_heads(model_name: str) -> int:
-    """The text tower's head count: stored in no tensor, so read from the open_clip model config."""
+def _openclip_text_cfg(model_name: str, pretrained: str | None = None) -> tuple[dict, bool]:
+    """(the tower's open_clip text_cfg, whether it uses QuickGELU): what no tensor records (head count, causal
+    mask, activation), from the registered model config or a local-dir folder's open_clip_config.json, and the
+    pretrained tag's own settings (OpenAI's weights use QuickGELU)."""
     import open_clip
 
     from ldm.conditioning import openclip  # noqa: F401  (registers the project's own tower configs)
@@ -439,8 +461,12 @@ def _openclip_heads(model_name: str) -> int:
         cfg = open_clip.get_model_config(model_name)
     if cfg is None:
         raise ValueError(f"no open_clip config for text tower {model_name!r}: cannot tell its head count")
-    text = cfg["text_cfg"]
-    return int(text.get("heads", text.get("width", 512) // 64))
+    quick_gelu = bool(cfg.get("quick_gelu"))
+    if pretrained and not model_name.startswith("local-dir:") and not os.path.isfile(str(pretrained)):
+        quick_gelu = quick_gelu or bool(
+            (open_clip.get_pretrained_cfg(model_name, pretrained) or {}).get("quick_gelu")
+        )
+    return cfg.get("text_cfg", {}), quick_gelu
 
 
 def _write_tokenizer(folder: Path, identity: dict, max_length: int) -> None:

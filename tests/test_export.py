@@ -272,17 +272,39 @@ def test_sd_single_file_imports_back_to_the_same_model(sd_run, synthetic_shards,
     assert not (tmp_path / "x").exists()
 
 
-def test_text_tower_head_count_comes_from_its_open_clip_config(tmp_path):
-    """No tensor records the head count: registered names and local-dir folders both give it."""
-    from ldm.export import _openclip_heads
+def test_text_tower_conversion_reads_what_no_tensor_records_and_refuses_what_it_cannot_hold(tmp_path):
+    """Head count, activation and mask come from the open_clip config (registered name, local-dir folder, pretrained
+    tag); a tower with weights CLIPTextModel has no place for (here: layer scale) is refused, not half converted."""
+    from ldm.conditioning import FrozenOpenCLIPTextEncoder
+    from ldm.export import _openclip_text_cfg, hf_clip_text
 
-    assert _openclip_heads("ldm-tiny-text") == 4
-    assert _openclip_heads("ViT-H-14") == 16  # SD2's tower
+    assert _openclip_text_cfg("ldm-tiny-text")[0]["heads"] == 4
+    assert _openclip_text_cfg("ViT-H-14", "laion2b_s32b_b79k") == (
+        {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24},
+        False,
+    )
+    assert _openclip_text_cfg("ViT-L-14", "openai")[1]  # OpenAI's CLIP weights use QuickGELU
     config = {"model_cfg": {"text_cfg": {"width": 256, "heads": 8, "layers": 2}}}
     (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
-    assert _openclip_heads(f"local-dir:{tmp_path}") == 8
+    assert _openclip_text_cfg(f"local-dir:{tmp_path}")[0]["heads"] == 8
     with pytest.raises(ValueError, match="no open_clip config for text tower 'no-such-tower'"):
-        _openclip_heads("no-such-tower")
+        _openclip_text_cfg("no-such-tower")
+
+    encoder = FrozenOpenCLIPTextEncoder("ldm-tiny-text", None, "penultimate")
+    identity, state = (
+        encoder.identity(),
+        {k.removeprefix("text."): v for k, v in encoder.state_dict().items()},
+    )
+    config, weights = hf_clip_text(identity, state)
+    assert (
+        config["num_hidden_layers"] == 2
+        and config["num_attention_heads"] == 4
+        and config["hidden_act"] == "gelu"
+    )
+    assert not any(".layers.2." in k for k in weights)  # the last block: unused by the penultimate layer
+    state["transformer.resblocks.0.ls_1.gamma"] = torch.ones(128)
+    with pytest.raises(ValueError, match="no place for \\(transformer.resblocks.0.ls_1.gamma\\)"):
+        hf_clip_text(identity, state)
 
 
 # Stability's v2-inference.yaml (SD 2.x base, 512 px, eps), as published with the SD2 weights
