@@ -21,6 +21,7 @@ converters and compare outputs with ours.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -58,8 +59,8 @@ DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers whose configs carry every f
 
 
 class ExportedParts:
-    """A diffusion checkpoint's networks, rebuilt from its stored config without building the text tower (whose
-    pretrained weights may not be on this machine; only the `sd` format needs them)."""
+    """A diffusion checkpoint's networks, rebuilt from its stored config; the text tower's weights are read only
+    when asked for (`text_state`: a pretrained tower is loaded from its tag or file then)."""
 
     def __init__(self, path: str | os.PathLike, use_ema: bool = True):
         from ldm.utils.hydra_build import build_autoencoder, build_denoising_parts
@@ -114,8 +115,9 @@ class ExportedParts:
             state = build_text_encoder(self.cfg).state_dict()
         return submodule_state(state, "text")
 
+    @functools.cached_property
     def source(self) -> dict:
-        """Provenance: the source checkpoint, its step, which weights."""
+        """Provenance: the source checkpoint (hashed once: an SD2-size one is gigabytes), its step, which weights."""
         return {
             "checkpoint": str(self.path.resolve()),
             "sha256": _sha256(self.path),
@@ -166,7 +168,7 @@ def export(
             shutil.rmtree(tmp, ignore_errors=True)
     else:
         summary = _write_sd(parts, out, DTYPES[dtype])
-    return {"format": format, "out": str(out), "dtype": dtype, **summary, "source": parts.source()}
+    return {"format": format, "out": str(out), "dtype": dtype, **summary, "source": parts.source}
 
 
 def _cast(state: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
@@ -248,7 +250,7 @@ def _write_diffusers(parts: ExportedParts, root: Path, dtype: torch.dtype) -> di
         "requires_safety_checker": False,
     }
     _write_json(root / "model_index.json", model_index)
-    _write_json(root / "ldm_export.json", parts.source())
+    _write_json(root / "ldm_export.json", parts.source)
     notes = []
     if parts.unet.pooled_proj is not None:
         notes.append(
@@ -356,7 +358,7 @@ def _write_sd(parts: ExportedParts, out: Path, dtype: torch.dtype) -> dict:
     }
     state.update({COMPVIS_VAE_PREFIX + k: v for k, v in parts.autoencoder.state_dict().items()})
     state.update({COMPVIS_TEXT_PREFIX + k: v for k, v in parts.text_state().items()})
-    metadata = {"format": "pt", "ldm_export": json.dumps(parts.source())}
+    metadata = {"format": "pt", "ldm_export": json.dumps(parts.source)}
     yaml_path = out.with_suffix(".yaml")
     tmp, tmp_yaml = (p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in (out, yaml_path))
     try:
