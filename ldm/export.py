@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ldm.conditioning.convert_openclip import hf_clip_text, write_clip_tokenizer
 from ldm.diffusion import GaussianDiffusion
 from ldm.inference import is_inpainting_unet
 from ldm.models.convert_unet import (
@@ -47,14 +48,12 @@ from ldm.models.convert_unet import (
 from ldm.models.convert_vae import WRAPPER_PREFIX as COMPVIS_VAE_PREFIX
 from ldm.models.convert_vae import diffusers_vae_config, ldm_to_diffusers
 from ldm.utils.checkpoint import CONTENTS_KEY, WEIGHTS_ONLY, load_bundle, submodule_state
+from ldm.utils.sd_config import COMPVIS_TEXT_PREFIX, compvis_schedule, sd_inference_config
 
 Format = Literal["diffusers", "sd"]
 FORMATS = ("diffusers", "sd")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-COMPVIS_TEXT_PREFIX = "cond_stage_model.model."  # SD2's FrozenOpenCLIPEmbedder keeps the open_clip model here
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
-COMPVIS_PARAMETERIZATION = {"eps": "eps", "v": "v", "x0": "x0"}
-COMPVIS_SCHEDULE = {"scaled_linear": "linear", "linear": "sqrt_linear", "cosine": "cosine"}  # CompVis' names
 DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers whose configs carry every field written here
 
 
@@ -235,7 +234,7 @@ def _write_diffusers(parts: ExportedParts, root: Path, dtype: torch.dtype) -> di
     text_config, text_state = hf_clip_text(parts.text_identity, parts.text_state())
     _write_json(root / "text_encoder" / "config.json", text_config)
     save_file(_cast(text_state, dtype), root / "text_encoder" / "model.safetensors")
-    _write_tokenizer(root / "tokenizer", parts.text_identity, text_config["max_position_embeddings"])
+    write_clip_tokenizer(root / "tokenizer", parts.text_identity, text_config["max_position_embeddings"])
     model_index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -265,93 +264,36 @@ def _write_diffusers(parts: ExportedParts, root: Path, dtype: torch.dtype) -> di
     return {"unet_config": unet_config, "vae_config": vae_config, "notes": notes}
 
 
-def sd_inference_config(parts: ExportedParts) -> dict:
-    """The CompVis inference config (`v2-inference.yaml` style) of an SD single-file export; a ValueError when
-    the training schedule has no CompVis name."""
-    d = parts.diffusion
-    if d.zero_terminal_snr or d.schedule_shift != 1.0 or d.schedule not in COMPVIS_SCHEDULE:
-        raise ValueError(
-            f"the training schedule ({d.describe()}) has no CompVis name (zero-terminal-SNR rescaling and schedule "
-            "shifts cannot be written in an SD inference yaml): export in diffusers format, whose scheduler holds "
-            "the exact betas"
-        )
+def _sd_config(parts: ExportedParts) -> dict:
+    """The SD inference yaml of `parts`; a ValueError for what SD's layout cannot say (the schedule first)."""
+    diffusion = {**parts.cfg["diffusion"], **parts.diffusion.describe()}
+    compvis_schedule(diffusion)
+    vae = _vae_config(parts)
+    config = sd_inference_config(
+        compvis_unet_params(parts.unet, parts.latent_size),
+        vae,
+        diffusion,
+        parts.text_identity,
+        parts.latent_scale,
+        parts.latent_size,
+        parts.resolution,
+    )
     if parts.latent_shift:
         raise ValueError(
             f"latent shift {parts.latent_shift:g}: SD's layout has a scale_factor only; export in diffusers format"
         )
-    vae = _vae_config(parts)
     if vae["num_groups"] != 32:
         raise ValueError(
             f"the autoencoder's GroupNorms have {vae['num_groups']} groups; CompVis' AutoencoderKL always uses 32: "
             "export in diffusers format instead"
         )
-    identity = parts.text_identity
-    sd_cfg = parts.cfg["diffusion"]
-    return {
-        "model": {
-            "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
-            "params": {
-                "parameterization": COMPVIS_PARAMETERIZATION[d.prediction],
-                "beta_schedule": COMPVIS_SCHEDULE[d.schedule],
-                "linear_start": float(sd_cfg.get("beta_start", 0.00085)),
-                "linear_end": float(sd_cfg.get("beta_end", 0.012)),
-                "num_timesteps_cond": 1,
-                "log_every_t": 200,
-                "timesteps": d.num_timesteps,
-                "first_stage_key": "jpg",
-                "cond_stage_key": "txt",
-                "image_size": parts.latent_size,
-                "channels": parts.autoencoder.latent_channels,
-                "cond_stage_trainable": False,
-                "conditioning_key": "crossattn",
-                "monitor": "val/loss_simple_ema",
-                "scale_factor": parts.latent_scale,
-                "use_ema": False,
-                "unet_config": {
-                    "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-                    "params": compvis_unet_params(parts.unet, parts.latent_size),
-                },
-                "first_stage_config": {
-                    "target": "ldm.models.autoencoder.AutoencoderKL",
-                    "params": {
-                        "embed_dim": vae["latent_channels"],
-                        "monitor": "val/rec_loss",
-                        "ddconfig": {
-                            "double_z": True,
-                            "z_channels": vae["latent_channels"],
-                            "resolution": parts.resolution,
-                            "in_channels": vae["in_channels"],
-                            "out_ch": vae["out_channels"],
-                            "ch": vae["base_channels"],
-                            "ch_mult": list(vae["channel_mult"]),
-                            "num_res_blocks": vae["num_res_blocks"],
-                            "attn_resolutions": [],
-                            "dropout": 0.0,
-                            "attn_type": "vanilla" if vae["mid_attention"] else "none",
-                        },
-                        "lossconfig": {"target": "torch.nn.Identity"},
-                    },
-                },
-                "cond_stage_config": {
-                    "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-                    "params": {
-                        "freeze": True,
-                        "layer": identity["layer"],
-                        "arch": identity["model_name"],
-                        "version": identity["pretrained"]
-                        if isinstance(identity["pretrained"], str)
-                        else None,
-                    },
-                },
-            },
-        }
-    }
+    return config
 
 
 def _write_sd(parts: ExportedParts, out: Path, dtype: torch.dtype) -> dict:
     import yaml
 
-    config = sd_inference_config(parts)  # checks everything before the text tower is loaded
+    config = _sd_config(parts)  # checks everything before the text tower is loaded
     state = {
         COMPVIS_UNET_PREFIX + k: v
         for k, v in unet_to_layout(parts.unet.state_dict(), parts.unet, "compvis").items()
@@ -370,142 +312,6 @@ def _write_sd(parts: ExportedParts, out: Path, dtype: torch.dtype) -> dict:
         tmp.unlink(missing_ok=True)
         tmp_yaml.unlink(missing_ok=True)
     return {"config": str(yaml_path), "tensors": len(state), "notes": []}
-
-
-def hf_clip_text(identity: Mapping, state: Mapping[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
-    """(transformers `CLIPTextModel` config, its state dict) for an OpenCLIP text tower (`identity` as a checkpoint
-    records it, `state` its weights without the `text.` prefix): the blocks SD's conditioning layer uses
-    (penultimate: all but the last), then the final LayerNorm; the packed attention in-projection split into q/k/v.
-    A ValueError for towers CLIPTextModel computes differently: non-causal attention, layer scale or other extra
-    weights (any tensor left unconverted)."""
-    text_cfg, quick_gelu = _openclip_text_cfg(identity["model_name"], identity.get("pretrained"))
-    if text_cfg.get("no_causal_mask"):
-        raise ValueError(
-            f"{identity['model_name']}'s text tower attends without a causal mask; CLIPTextModel is causal"
-        )
-    blocks = sorted({int(k.split(".")[2]) for k in state if k.startswith("transformer.resblocks.")})
-    used = blocks[:-1] if identity["layer"] == "penultimate" else blocks
-    width = state["token_embedding.weight"].shape[1]
-    sources = {
-        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-        "text_model.embeddings.position_embedding.weight": "positional_embedding",
-        "text_model.final_layer_norm.weight": "ln_final.weight",
-        "text_model.final_layer_norm.bias": "ln_final.bias",
-    }
-    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}  # fmt: skip
-    out: dict[str, Tensor] = {}
-    read = set()
-    for i in used:
-        src, dst = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
-        for p in ("weight", "bias"):
-            sources.update({f"{dst}{theirs}.{p}": f"{src}{ours}.{p}" for ours, theirs in names.items()})
-            packed = f"{src}attn.in_proj_{p}"
-            q, k, v = state[packed].chunk(3)
-            out.update(
-                {
-                    f"{dst}self_attn.q_proj.{p}": q,
-                    f"{dst}self_attn.k_proj.{p}": k,
-                    f"{dst}self_attn.v_proj.{p}": v,
-                }
-            )
-            read.add(packed)
-    out.update({theirs: state[ours] for theirs, ours in sources.items()})
-    read |= set(sources.values())
-    unused_block = f"transformer.resblocks.{blocks[-1]}." if len(used) < len(blocks) else None
-    left = sorted(
-        k
-        for k in state
-        if k not in read and k != "text_projection" and not (unused_block and k.startswith(unused_block))
-    )
-    if left:
-        raise ValueError(
-            f"{identity['model_name']}'s text tower has weights CLIPTextModel has no place for ({', '.join(left[:4])}): "
-            "it would compute something else, so it is not exported"
-        )
-    config = {
-        "_name_or_path": f"ldm export of OpenCLIP {identity['model_name']} ({identity.get('pretrained') or 'trained from scratch'})",
-        "architectures": ["CLIPTextModel"],
-        "model_type": "clip_text_model",
-        "vocab_size": state["token_embedding.weight"].shape[0],
-        "hidden_size": width,
-        "intermediate_size": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-        "projection_dim": state["text_projection"].shape[-1] if "text_projection" in state else width,
-        "num_hidden_layers": len(used),
-        "num_attention_heads": int(text_cfg.get("heads", width // 64)),  # open_clip's default head width: 64
-        "max_position_embeddings": state["positional_embedding"].shape[0],
-        "hidden_act": "quick_gelu" if quick_gelu else "gelu",
-        "layer_norm_eps": 1e-5,
-        "attention_dropout": 0.0,
-        "dropout": 0.0,
-        "initializer_range": 0.02,
-        "initializer_factor": 1.0,
-        "pad_token_id": 0,  # open_clip pads with 0 ("!")
-        "bos_token_id": 49406,
-        "eos_token_id": 49407,
-        "torch_dtype": "float32",
-    }
-    return config, out
-
-
-def _openclip_text_cfg(model_name: str, pretrained: str | None = None) -> tuple[dict, bool]:
-    """(the tower's open_clip text_cfg, whether it uses QuickGELU): what no tensor records (head count, causal
-    mask, activation), from the registered model config or a local-dir folder's open_clip_config.json, and the
-    pretrained tag's own settings (OpenAI's weights use QuickGELU)."""
-    import open_clip
-
-    from ldm.conditioning import openclip  # noqa: F401  (registers the project's own tower configs)
-
-    if model_name.startswith("local-dir:"):  # a folder with open_clip_config.json + weights
-        config_file = Path(model_name.removeprefix("local-dir:")) / "open_clip_config.json"
-        cfg = json.loads(config_file.read_text(encoding="utf-8")).get("model_cfg")
-    else:
-        cfg = open_clip.get_model_config(model_name)
-    if cfg is None:
-        raise ValueError(f"no open_clip config for text tower {model_name!r}: cannot tell its head count")
-    quick_gelu = bool(cfg.get("quick_gelu"))
-    if pretrained and not model_name.startswith("local-dir:") and not os.path.isfile(str(pretrained)):
-        quick_gelu = quick_gelu or bool(
-            (open_clip.get_pretrained_cfg(model_name, pretrained) or {}).get("quick_gelu")
-        )
-    return cfg.get("text_cfg", {}), quick_gelu
-
-
-def _write_tokenizer(folder: Path, identity: dict, max_length: int) -> None:
-    """CLIPTokenizer files with open_clip's BPE vocabulary (the one both CLIP and OpenCLIP use)."""
-    import open_clip
-
-    tokenizer = open_clip.get_tokenizer(identity["model_name"])
-    if not isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer):
-        raise ValueError(
-            f"{identity['model_name']} uses a {type(tokenizer).__name__}, not CLIP's BPE tokenizer: "
-            "the diffusers export writes CLIPTokenizer files only"
-        )
-    folder.mkdir(parents=True, exist_ok=True)
-    # open_clip names its start/end tokens <start_of_text>/<end_of_text>; CLIP's (and transformers') are these
-    renamed = {tokenizer.sot_token_id: "<|startoftext|>", tokenizer.eot_token_id: "<|endoftext|>"}
-    vocab = {renamed.get(i, token): i for token, i in tokenizer.encoder.items()}
-    _write_json(folder / "vocab.json", vocab)
-    merges = sorted(tokenizer.bpe_ranks.items(), key=lambda item: item[1])
-    lines = ["#version: 0.2", *(" ".join(pair) for pair, _ in merges)]
-    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    special = {
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": "!",
-    }
-    _write_json(folder / "special_tokens_map.json", special)
-    context = identity.get("context_length") or max_length
-    _write_json(
-        folder / "tokenizer_config.json",
-        {
-            "tokenizer_class": "CLIPTokenizer",
-            "model_max_length": int(context),
-            "do_lower_case": True,
-            **special,
-        },
-    )
 
 
 def _sha256(path: Path) -> str:

@@ -276,19 +276,19 @@ def test_text_tower_conversion_reads_what_no_tensor_records_and_refuses_what_it_
     """Head count, activation and mask come from the open_clip config (registered name, local-dir folder, pretrained
     tag); a tower with weights CLIPTextModel has no place for (here: layer scale) is refused, not half converted."""
     from ldm.conditioning import FrozenOpenCLIPTextEncoder
-    from ldm.export import _openclip_text_cfg, hf_clip_text
+    from ldm.conditioning.convert_openclip import hf_clip_text, openclip_text_cfg
 
-    assert _openclip_text_cfg("ldm-tiny-text")[0]["heads"] == 4
-    assert _openclip_text_cfg("ViT-H-14", "laion2b_s32b_b79k") == (
+    assert openclip_text_cfg("ldm-tiny-text")[0]["heads"] == 4
+    assert openclip_text_cfg("ViT-H-14", "laion2b_s32b_b79k") == (
         {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24},
         False,
     )
-    assert _openclip_text_cfg("ViT-L-14", "openai")[1]  # OpenAI's CLIP weights use QuickGELU
+    assert openclip_text_cfg("ViT-L-14", "openai")[1]  # OpenAI's CLIP weights use QuickGELU
     config = {"model_cfg": {"text_cfg": {"width": 256, "heads": 8, "layers": 2}}}
     (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
-    assert _openclip_text_cfg(f"local-dir:{tmp_path}")[0]["heads"] == 8
+    assert openclip_text_cfg(f"local-dir:{tmp_path}")[0]["heads"] == 8
     with pytest.raises(ValueError, match="no open_clip config for text tower 'no-such-tower'"):
-        _openclip_text_cfg("no-such-tower")
+        openclip_text_cfg("no-such-tower")
 
     encoder = FrozenOpenCLIPTextEncoder("ldm-tiny-text", None, "penultimate")
     identity, state = (
@@ -377,7 +377,7 @@ def test_sd2_inference_config_reads_as_our_sd2_recipe():
     from omegaconf import OmegaConf
 
     from ldm.models import CrossAttentionUNet
-    from ldm.utils.sd_import import sd_model_nodes
+    from ldm.utils.sd_config import sd_model_nodes
 
     nodes = sd_model_nodes(yaml.safe_load(SD2_INFERENCE_YAML))
     ours = {
@@ -402,6 +402,7 @@ def test_sd2_inference_config_reads_as_our_sd2_recipe():
     assert (
         nodes["text_encoder"]["model_name"] == "ViT-H-14" and nodes["text_encoder"]["layer"] == "penultimate"
     )
+    # the yaml's scale_factor (read, never assumed): import_sd_model stores it in the autoencoder checkpoint
     assert nodes["latent_scale"] == 0.18215 and nodes["resolution"] == 512
 
     sd1 = yaml.safe_load(SD2_INFERENCE_YAML)

@@ -178,14 +178,9 @@ def diffusers_to_ldm(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return _finish(out)
 
 
-_TO_DIFFUSERS_RESNET = {"nin_shortcut": "conv_shortcut"}
-_TO_DIFFUSERS_ATTENTION = {
-    "norm": "group_norm",
-    "q": "to_q",
-    "k": "to_k",
-    "v": "to_v",
-    "proj_out": "to_out.0",
-}
+# the import maps above, inverted (where diffusers has two names for one of ours, the current one: listed first)
+_TO_DIFFUSERS_RESNET = {ours: theirs for theirs, ours in _RESNET_PART.items()}
+_TO_DIFFUSERS_ATTENTION = {ours: theirs for theirs, ours in reversed(_ATTENTION_PART.items())}
 _LDM_KEY = re.compile(
     r"(?P<side>encoder|decoder)\.(?:(?P<io>conv_in|conv_out|norm_out)"
     r"|(?P<dir>down|up)\.(?P<level>\d+)\.(?:block\.(?P<j>\d+)\.(?P<part>\w+)|(?P<sample>downsample|upsample)\.conv)"

@@ -8,6 +8,7 @@ SD2-layout model: UNet, autoencoder and OpenCLIP text tower, into a stage-1 and 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from torch import Tensor
 from ldm.models.autoencoder import KLAutoencoder
 from ldm.models.convert_vae import convert_state_dict, read_state_dict
 from ldm.utils.checkpoint import BUNDLE_KEY, CONTENTS_KEY, FORMAT_VERSION, WEIGHTS_ONLY, atomic_save
+from ldm.utils.sd_config import COMPVIS_TEXT_PREFIX, sd_model_nodes
 
 AUTOENCODER_TARGET = "ldm.models.KLAutoencoder"
 
@@ -117,101 +119,7 @@ def import_sd_vae(
 
 
 # --- a whole SD2-layout model (UNet + autoencoder + OpenCLIP text tower) -----------------------------------------
-SD_TEXT_PREFIX = "cond_stage_model.model."  # SD2's FrozenOpenCLIPEmbedder keeps the open_clip model here
-SD_SCHEDULES = {"linear": "scaled_linear", "sqrt_linear": "linear", "cosine": "cosine"}  # CompVis name → ours
-SD_PARAMETERIZATIONS = {"eps": "eps", "v": "v", "x0": "x0"}
 UNET_TARGET = "ldm.models.CrossAttentionUNet"
-
-
-def sd_model_nodes(sd_config: Mapping) -> dict:
-    """ldm config values read off an SD inference yaml (CompVis `LatentDiffusion`, as `v2-inference.yaml` or an
-    `export --format sd` writes): `unet`, `autoencoder`, `diffusion`, `text_encoder` keyword arguments, `latent_scale`
-    and `resolution`. A ValueError names what ldm's networks cannot hold (SD1's OpenAI-CLIP tower, class- or
-    image-conditioned UNets, inpainting models)."""
-    model = sd_config.get("model") or {}
-    params = model.get("params") or {}
-    if not str(model.get("target", "")).endswith(".LatentDiffusion") or params.get(
-        "conditioning_key"
-    ) not in (
-        None,
-        "crossattn",
-    ):
-        raise ValueError(
-            f"{model.get('target')} with conditioning_key={params.get('conditioning_key')!r}: only text-to-image "
-            "LatentDiffusion models (crossattn) import; inpainting and other variants do not"
-        )
-    cond = params.get("cond_stage_config") or {}
-    if not str(cond.get("target", "")).endswith("FrozenOpenCLIPEmbedder"):
-        raise ValueError(
-            f"text encoder {cond.get('target')}: ldm's is OpenCLIP (SD2's FrozenOpenCLIPEmbedder); SD1's OpenAI "
-            "CLIP tower does not import"
-        )
-    unet = dict(params["unet_config"]["params"])
-    unsupported = [k for k in ("num_classes", "adm_in_channels", "disable_self_attentions") if unet.get(k)]
-    if unsupported:
-        raise ValueError(f"the UNet uses {', '.join(unsupported)}, which ldm's UNet has no counterpart for")
-    depth = unet.get("transformer_depth", 1)
-    if not isinstance(depth, int):
-        if len(set(depth)) != 1:
-            raise ValueError(f"transformer_depth {depth} varies by level; ldm's UNet has one depth")
-        depth = depth[0]
-    if unet.get("num_head_channels", -1) != -1:  # SD2: a fixed head width
-        heads = {"head_dim": unet["num_head_channels"], "num_heads": None}
-    else:  # SD1: a fixed head count
-        heads = {"head_dim": None, "num_heads": unet["num_heads"]}
-    ddconfig = params["first_stage_config"]["params"]["ddconfig"]
-    if not ddconfig.get("double_z", True) or ddconfig.get("attn_resolutions"):
-        raise ValueError("the autoencoder has attention outside its middle block or no KL posterior")
-    factor = 2 ** (len(ddconfig["ch_mult"]) - 1)
-    schedule = params.get("beta_schedule", "linear")  # CompVis' defaults throughout
-    if schedule not in SD_SCHEDULES:
-        raise ValueError(f"beta_schedule {schedule!r} has no ldm counterpart ({', '.join(SD_SCHEDULES)})")
-    cond_params = cond.get("params") or {}
-    return {
-        "unet": {
-            "in_channels": unet["in_channels"],
-            "out_channels": unet["out_channels"],
-            "model_channels": unet["model_channels"],
-            "channel_mult": list(unet["channel_mult"]),
-            "num_res_blocks": unet["num_res_blocks"],
-            "attention_resolutions": list(unet["attention_resolutions"]),
-            **heads,
-            "transformer_depth": depth,
-            "context_dim": unet["context_dim"]
-            if isinstance(unet["context_dim"], int)
-            else unet["context_dim"][0],
-            "num_groups": 32,
-            "pooled_dim": None,
-            "micro_conditioning": False,
-        },
-        "autoencoder": {
-            "in_channels": ddconfig["in_channels"],
-            "out_channels": ddconfig["out_ch"],
-            "base_channels": ddconfig["ch"],
-            "channel_mult": list(ddconfig["ch_mult"]),
-            "num_res_blocks": ddconfig["num_res_blocks"],
-            "latent_channels": ddconfig["z_channels"],
-            "mid_attention": ddconfig.get("attn_type", "vanilla") != "none",
-            "dropout": 0.0,
-            "num_groups": 32,
-        },
-        "diffusion": {
-            "schedule": SD_SCHEDULES[schedule],
-            "num_timesteps": params.get("timesteps", 1000),
-            "prediction": SD_PARAMETERIZATIONS[params.get("parameterization", "eps")],
-            "beta_start": params.get("linear_start", 1e-4),
-            "beta_end": params.get("linear_end", 2e-2),
-        },
-        "text_encoder": {
-            "model_name": cond_params.get("arch", "ViT-H-14"),
-            "pretrained": None,  # its weights travel in the checkpoint, taken from the SD file
-            "layer": cond_params.get("layer", "last"),
-            "context_length": None,  # the tower's own (ViT-H-14: 77, FrozenOpenCLIPEmbedder's max_length)
-        },
-        "latent_scale": float(params.get("scale_factor", 1.0)),
-        # LatentDiffusion's image_size is the latent side (SD2-base: 64 → 512 px); the UNet's is marked unused
-        "resolution": int(params.get("image_size", unet.get("image_size", 64))) * factor,
-    }
 
 
 def _linear_projections(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -247,7 +155,9 @@ def import_sd_model(
     vae_config = nodes["autoencoder"]
     vae_state = {k: v.float() for k, v in compvis_to_ldm(state).items()}
     check_state_dict(vae_state, vae_config)
-    text_state = {k[len(SD_TEXT_PREFIX) :]: v for k, v in state.items() if k.startswith(SD_TEXT_PREFIX)}
+    text_state = {
+        k[len(COMPVIS_TEXT_PREFIX) :]: v for k, v in state.items() if k.startswith(COMPVIS_TEXT_PREFIX)
+    }
     encoder = FrozenOpenCLIPTextEncoder(**nodes["text_encoder"])
     own = encoder.text.state_dict()
     text_state = {k: v.float() for k, v in text_state.items() if k in own}  # SD files also hold logit_scale
@@ -261,7 +171,7 @@ def import_sd_model(
         ),
         vae_path,
     )
-    config = json.loads(json.dumps(dict(base_config)))  # a deep, plain copy
+    config = copy.deepcopy(dict(base_config))
     config["unet"] = {"_target_": UNET_TARGET, **{**config.get("unet", {}), **nodes["unet"]}}
     config["unet"]["gradient_checkpointing"] = bool(config["unet"].get("gradient_checkpointing", False))
     config["autoencoder"] = {"_target_": AUTOENCODER_TARGET, **vae_config}
