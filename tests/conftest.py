@@ -5,10 +5,28 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub look-up would otherwise retry for ~45 s before failing
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# a native crash in a subprocess (a training rank, a torchrun worker) prints every thread's Python stack
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
+import sys
 from pathlib import Path
 
 import pytest
+
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    # scripts/test.sh runs test files in parallel processes (pytest-xdist): each takes its share of the cores, and so
+    # do the subprocesses it starts, instead of every process spinning one thread per core
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with slow tests first (keeping each file's order): scripts/test.sh hands whole files to the parallel
+    workers in this order, so the long ones start early instead of ending the run with one worker left busy."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 @pytest.fixture(scope="session")
