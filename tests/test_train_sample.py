@@ -538,7 +538,8 @@ def test_inpainting_unet_trains_and_samples(inpaint_run, tmp_path):
 def test_inpainting_unet_starts_from_a_text_to_image_checkpoint(ldm_run, vae_run, shards):
     """init_from a plain stage-2 checkpoint into an inpainting UNet: the input convolution gains zero weights for
     the mask and masked latents, so the new network computes exactly what the old one did, whatever they hold."""
-    from ldm.training.run import _adopt_autoencoder_config, _init_checkpoint, _load_init_weights, build_module
+    from ldm.training.init_from import load_init_weights
+    from ldm.training.run import _adopt_autoencoder_config, _init_checkpoint, build_module
 
     ckpt = ldm_run[0]["checkpoint"]
     cfg = compose_train(
@@ -551,7 +552,7 @@ def test_inpainting_unet_starts_from_a_text_to_image_checkpoint(ldm_run, vae_run
     init = _init_checkpoint(cfg)
     _adopt_autoencoder_config(cfg)
     module = build_module(cfg)
-    _load_init_weights(module, init, ckpt)
+    load_init_weights(module, init, ckpt)
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 700])
     extra = torch.randn(2, 5, 8, 8)
     for unet, use_ema in ((module.ema.module, True), (module.unet, False)):

@@ -23,6 +23,7 @@ from ldm.inference import LatentCodec
 from ldm.training.checkpoint_io import AtomicCheckpointIO
 from ldm.training.fast_paths import FastPathsCallback
 from ldm.training.fsdp import is_sharded
+from ldm.training.init_from import load_init_weights
 from ldm.training.nonfinite import NonFiniteGradients, NonFiniteGuard
 from ldm.training.resume import ExactResumeCallback, PreemptionCallback
 from ldm.training.throughput import ThroughputCallback
@@ -63,7 +64,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
     trainer_overrides.update(_strategy(cfg))
     module = build_module(cfg)
     if init is not None:
-        _load_init_weights(module, init, cfg.init_from)
+        load_init_weights(module, init, cfg.init_from)
     _check_bucket_sizes(cfg, module)
     _compile(cfg, module, trainer_overrides.get("strategy"))
     datamodule = instantiate(cfg.data)
@@ -202,63 +203,6 @@ def _check_resumable(path: str | None) -> None:
             "or data state): resume from a full one (checkpoints/last.ckpt or checkpoints/step_*.ckpt), or start "
             "a new run from these weights with init_from=" + str(path)
         )
-
-
-def _load_init_weights(module: L.LightningModule, ckpt: dict, path: str) -> None:
-    """The trained weights of `ckpt`: stage 2's UNet, EMA (with its update count) and latent scale/shift (the
-    latent space the UNet learnt), stage 1's autoencoder and discriminator; not the frozen text encoder. Modules
-    this run adds (new parameters) keep their initialisation; shapes must match. A weights-only checkpoint has
-    the EMA UNet alone: the trained UNet starts from it too."""
-    state = dict(ckpt["state_dict"])
-    if not any(k.startswith("unet.") for k in state):
-        state.update({"unet." + k: v for k, v in submodule_state(state, "ema.module").items()})
-        if any(k.startswith("unet.") for k in state):
-            log.info("init_from=%s: a weights-only checkpoint; the UNet starts from its EMA weights", path)
-    prefixes = ("unet.", "ema.", "codec.scale", "codec.shift", "autoencoder.", "loss.discriminator.")
-    wanted = {k: v for k, v in state.items() if k.startswith(prefixes)}
-    own = module.state_dict()
-    for key in [k for k in wanted if k.endswith(_UNET_INPUT_CONV) and k in own]:
-        wanted[key] = _widen_input_conv(wanted[key], own[key], key)
-    unexpected = sorted(k for k in wanted if k not in own)
-    if unexpected:
-        raise ValueError(f"init_from={path} has weights this model lacks: {', '.join(unexpected[:5])} …")
-    module.load_state_dict(wanted, strict=False)
-    new = sorted(k for k in own if k.startswith(prefixes) and k not in wanted)
-    log.info(
-        "init_from=%s: %d tensors loaded; %d new, left as initialised: %s",
-        path,
-        len(wanted),
-        len(new),
-        new[:5],
-    )
-
-
-_UNET_INPUT_CONV = "input_blocks.0.0.weight"
-
-
-def _widen_input_conv(weight: torch.Tensor, target: torch.Tensor, key: str) -> torch.Tensor:
-    """A text-to-image UNet's first convolution, given the extra input channels of an inpainting UNet (mask and
-    masked latents) as zero weights, as Stable Diffusion's inpainting models were started: the widened network
-    computes exactly what the original did until training moves the new weights."""
-    if weight.shape == target.shape:
-        return weight
-    if (
-        weight.shape[0] != target.shape[0]
-        or weight.shape[2:] != target.shape[2:]
-        or weight.shape[1] > target.shape[1]
-    ):
-        raise ValueError(
-            f"init_from: {key} has shape {tuple(weight.shape)}, this model {tuple(target.shape)}"
-        )
-    widened = torch.zeros_like(target)
-    widened[:, : weight.shape[1]] = weight
-    log.info(
-        "init_from: %s widened from %d to %d input channels (new ones zero)",
-        key,
-        weight.shape[1],
-        target.shape[1],
-    )
-    return widened
 
 
 def _check_bucket_sizes(cfg: DictConfig, module: L.LightningModule) -> None:
