@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,16 +24,10 @@ import webdataset as wds
 from torch import Tensor
 
 from ldm.conditioning import FrozenOpenCLIPTextEncoder
+from ldm.data.buckets import MICRO_KEYS, BucketDecoder, BucketSpec, BucketTransform
 from ldm.data.latents import CACHE_INFO, LATENTS_MEMBER, encode_latents_member, write_cache_info
-from ldm.data.transforms import ImageTransform, decode_caption
-from ldm.data.webdataset import (
-    IMAGE_KEYS,
-    DecodeSamples,
-    SkipCounter,
-    TarSamples,
-    expand_urls,
-    image_text_pipeline,
-)
+from ldm.data.transforms import ImageTransform, SampleError, decode_caption
+from ldm.data.webdataset import ImageDecoder, SkipCounter, TarSamples, expand_urls, image_text_pipeline
 from ldm.models.autoencoder import DiagonalGaussian
 from ldm.utils.checkpoint import BUNDLE_KEY, atomic_save, load_checkpoint
 
@@ -179,8 +174,10 @@ def cache_info(
     crop: str,
     text_encoder: FrozenOpenCLIPTextEncoder | None,
     urls: str | Sequence[str],
+    buckets: BucketSpec | Mapping | None = None,
 ) -> dict:
-    """What a cache was made from; training compares the autoencoder and text encoder with its own."""
+    """What a cache was made from; training compares the autoencoder and text encoder with its own, and checks
+    that the bucket sizes (`buckets`: null for square crops of `resolution`) suit its UNet."""
     text = None
     if text_encoder is not None:
         text = text_encoder.identity()
@@ -195,9 +192,23 @@ def cache_info(
         "autoencoder": bundle["config"]["autoencoder"],
         "resolution": int(resolution),
         "crop": crop,
+        "buckets": _buckets_info(buckets, resolution),
         "text_encoder": text,
         "source_urls": urls if isinstance(urls, str) else list(urls),
     }
+
+
+def _buckets_info(buckets: BucketSpec | Mapping | None, resolution: int) -> dict | None:
+    spec = BucketSpec.of(buckets)
+    if spec is None:
+        return None
+    return {**asdict(spec), "sizes": [list(hw) for hw in spec.sizes(resolution)]}
+
+
+def cached_bucket_sizes(info: Mapping | None) -> list[tuple[int, int]] | None:
+    """The image sizes (h, w) of a bucketed cache's `cache_info.json`; None for a square cache (or no info)."""
+    buckets = (info or {}).get("buckets")
+    return None if buckets is None else [(int(h), int(w)) for h, w in buckets["sizes"]]
 
 
 def shard_name(url: str) -> str:
@@ -210,49 +221,64 @@ def shard_name(url: str) -> str:
 
 
 class _ShardBatches(torch.utils.data.IterableDataset):
-    """Whole shards, decoded and centre-cropped, in batches; each DataLoader worker takes its own shards.
+    """Whole shards, decoded and cropped, in batches of one image size; each DataLoader worker takes its own shards.
 
-    Yields {"url", "image" (B, 3, R, R), "key", "txt", "json", "last", "skipped"}: "last" marks a shard's final
-    batch (possibly empty), which carries that shard's skip counts.
+    Yields {"url", "image" (B, 3, h, w), "key", "txt", "json", ["original_size", "crop_coords", "target_size"],
+    "last", "skipped"}. With buckets, a shard's images wait in a queue per size and a queue is encoded when full;
+    what is left is flushed at the shard's end. The final batch of a shard, empty, has "last" set and carries the
+    shard's skip counts. A sample's crop depends on its key only (`random.Random("cache/<key>")`), so a cache
+    written again, or by another number of processes, holds the same crops.
     """
 
-    def __init__(self, urls: Sequence[str], resolution: int, batch_size: int, crop: str):
+    def __init__(self, urls: Sequence[str], decode: Callable[[dict, random.Random], dict], batch_size: int):
         super().__init__()
-        self.urls, self.batch_size = list(urls), batch_size
-        self.transform = ImageTransform(resolution, crop=crop)
+        self.urls, self.decode, self.batch_size = list(urls), decode, batch_size
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
         for url in self.urls[wid::nworkers]:
             counter = SkipCounter()
-            raw_members: dict[str, dict] = {}
+            queues: dict[tuple, list[dict]] = {}
+            for raw in TarSamples(counter)([{"url": url}]):
+                sample = self._decode(raw, counter)
+                if sample is None:
+                    continue
+                size = tuple(sample["image"].shape)
+                queues.setdefault(size, []).append(sample)
+                if len(queues[size]) == self.batch_size:
+                    yield self._collate(url, queues.pop(size))
+            for queue in queues.values():
+                yield self._collate(url, queue)
+            yield self._collate(url, [], skipped=counter.total)
 
-            def keep_raw(samples: Iterable[dict], raw_members: dict = raw_members) -> Iterator[dict]:
-                for s in samples:
-                    raw_members[s["__key__"]] = {k: s[k] for k in ("txt", "json") if k in s}
-                    yield s
-
-            decoded = DecodeSamples(self.transform, counter, image_keys=IMAGE_KEYS)
-            batch: list[dict] = []
-            for sample in decoded(keep_raw(TarSamples(counter)([{"url": url}]))):
-                batch.append({**sample, **raw_members.pop(sample["key"])})
-                if len(batch) == self.batch_size:
-                    yield self._collate(url, batch, last=False)
-                    batch = []
-            yield self._collate(url, batch, last=True, skipped=counter.total)
+    def _decode(self, raw: dict, counter: SkipCounter) -> dict | None:
+        where = f"{raw.get('__url__')}:{raw.get('__key__')}"
+        try:
+            sample = self.decode(raw, random.Random(f"cache/{raw['__key__']}"))
+        except SampleError as exn:
+            counter.skip(exn.reason, exn, where)
+            return None
+        except Exception as exn:
+            counter.skip("other", exn, where)
+            return None
+        return {**sample, "txt": raw.get("txt"), "json": raw.get("json")}
 
     @staticmethod
-    def _collate(url: str, batch: list[dict], last: bool, skipped: dict | None = None) -> dict:
-        return {
+    def _collate(url: str, batch: list[dict], skipped: dict | None = None) -> dict:
+        out = {
             "url": url,
             "image": torch.stack([s["image"] for s in batch]) if batch else torch.empty(0),
             "key": [s["key"] for s in batch],
-            "txt": [s.get("txt") for s in batch],
-            "json": [s.get("json") for s in batch],
-            "last": last,
+            "txt": [s["txt"] for s in batch],
+            "json": [s["json"] for s in batch],
+            "last": skipped is not None,
             "skipped": dict(skipped or {}),
         }
+        for name in MICRO_KEYS:
+            if batch and name in batch[0]:
+                out[name] = torch.stack([s[name] for s in batch])
+        return out
 
 
 @dataclass
@@ -277,15 +303,19 @@ def cache_latents(
     num_workers: int = 2,
     info: dict | None = None,
     progress: bool = True,
+    buckets: BucketSpec | Mapping | None = None,
 ) -> CacheReport:
     """Encode the shards of `urls` assigned to `rank` (every `world_size`-th) into `out_dir`, one cached shard per
-    image shard, same file name. A shard is written to a temporary file and renamed when complete, so shards
+    image shard, same file name. Images are cropped once (`crop`: "center", or one random crop per image, fixed
+    by its key): square at `resolution`, or with `buckets` (a `BucketSpec` or its mapping, as `data.buckets`)
+    each image at the aspect-ratio bucket nearest its own, with its micro-conditioning. A shard is written to a temporary file and renamed when complete, so shards
     already in `out_dir` are complete and are skipped: rerunning after a crash or preemption resumes.
 
     `info` (what made the cache) goes to `out_dir/cache_info.json`; rank 0 writes it, and a cache made with
     different settings is refused rather than mixed.
     """
     out_dir = Path(out_dir)
+    transform = _cache_transform(autoencoder, resolution, crop, buckets)
     all_urls = expand_urls(urls)
     names = [shard_name(u) for u in all_urls]
     if len(set(names)) != len(names):
@@ -300,7 +330,11 @@ def cache_latents(
         return report
     device = next(autoencoder.parameters()).device
     loader = torch.utils.data.DataLoader(
-        _ShardBatches(todo, resolution, batch_size, crop),
+        _ShardBatches(
+            todo,
+            ImageDecoder(transform) if buckets is None else BucketDecoder(ImageDecoder(transform)),
+            batch_size,
+        ),
         batch_size=None,
         num_workers=min(num_workers, len(todo)),
     )
@@ -328,6 +362,23 @@ def cache_latents(
     return report
 
 
+def _cache_transform(autoencoder, resolution: int, crop: str, buckets) -> ImageTransform | BucketTransform:
+    """The crop of every cached image; its sizes must be multiples of the autoencoder's downsampling."""
+    factor = autoencoder.downsample_factor
+    if buckets is None:
+        sizes, transform = [(resolution, resolution)], ImageTransform(resolution, crop=crop)
+    else:
+        transform = BucketTransform.from_spec(buckets, resolution, crop=crop)
+        sizes = transform.buckets
+    bad = [hw for hw in sizes if hw[0] % factor or hw[1] % factor]
+    if bad:
+        raise ValueError(
+            f"image sizes {bad} are not multiples of the autoencoder's downsampling ({factor}): "
+            + ("set buckets.step to a multiple of it" if buckets is not None else "change the resolution")
+        )
+    return transform
+
+
 def _write_batch(writer, batch: dict, autoencoder, text_encoder, device) -> None:
     posterior = autoencoder.encode(batch["image"].to(device))
     mean, std = posterior.mean, posterior.std
@@ -340,7 +391,8 @@ def _write_batch(writer, batch: dict, autoencoder, text_encoder, device) -> None
                 "text_pooled": None if cond.pooled is None else cond.pooled[i],
                 "text_mask": None if cond.mask is None else cond.mask[i],
             }
-        sample = {"__key__": key, LATENTS_MEMBER: encode_latents_member(mean[i], std[i], **text)}
+        micro = {name: batch[name][i] for name in MICRO_KEYS if name in batch}
+        sample = {"__key__": key, LATENTS_MEMBER: encode_latents_member(mean[i], std[i], **text, micro=micro)}
         for ext in ("txt", "json"):
             if batch[ext][i] is not None:
                 sample[ext] = batch[ext][i]
@@ -353,13 +405,14 @@ def _captions(batch: dict) -> list[str]:
     return [decode_caption({k: v for k, v in m.items() if v is not None}) for m in members]
 
 
-_INFO_KEYS_THAT_MUST_MATCH = ("autoencoder", "resolution", "crop", "text_encoder")
+_INFO_KEYS_THAT_MUST_MATCH = ("autoencoder", "resolution", "crop", "buckets", "text_encoder")
+_INFO_DEFAULTS = {"buckets": None}  # what a cache_info.json written before the key existed meant
 
 
 def _check_or_write_info(out_dir: Path, info: dict, write: bool) -> None:
     path = out_dir / CACHE_INFO
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = {**_INFO_DEFAULTS, **json.loads(path.read_text())}
         for key in _INFO_KEYS_THAT_MUST_MATCH:
             if key in info and key in old and old[key] != info[key]:
                 raise ValueError(

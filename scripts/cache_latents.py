@@ -36,7 +36,11 @@ def main(cfg: DictConfig) -> None:
         rank=rank,
         world_size=world_size,
         num_workers=cfg.num_workers,
-        info=cache_info(cfg.autoencoder_ckpt, bundle, resolution, cfg.crop, text_encoder, cfg.urls),
+        info=cache_info(
+            cfg.autoencoder_ckpt, bundle, resolution, cfg.crop, text_encoder, cfg.urls, buckets=cfg.buckets
+        ),
+        crop=cfg.crop,
+        buckets=cfg.buckets,
     )
     print(
         f"rank {rank}/{world_size}: {report.shards_written} shards written ({report.samples} samples), "

@@ -1,8 +1,13 @@
 """Shared test helpers (not fixtures)."""
 
+import io
+import json
 from pathlib import Path
 
+import numpy as np
+import webdataset as wds
 from hydra import compose, initialize_config_dir
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -24,3 +29,31 @@ FAST = [
     "trainer.log_every_n_steps=1",
     "optim.warmup_steps=2",
 ]
+
+
+def write_mixed_shards(out, num_shards: int, per_shard: int, sizes: dict[str, tuple[int, int]]) -> dict:
+    """Shards of random-pixel images of the (width, height) `sizes` of their keys, JPEG and PNG in turn; every third
+    json gives img2dataset's original size (10× the stored one). Returns key → original (h, w)."""
+    rng = np.random.default_rng(0)
+    originals = {}
+    for s in range(num_shards):
+        with wds.TarWriter(str(out / f"mixed-{s:06d}.tar"), encoder=False, mtime=0) as writer:
+            for i in range(per_shard):
+                key = f"{s * per_shard + i:09d}"
+                w, h = sizes[key]
+                buf = io.BytesIO()
+                fmt = "png" if i % 2 else "jpeg"
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format=fmt)
+                meta = {"key": key, "caption": f"c{key}"}
+                if i % 3 == 0:
+                    meta.update(original_width=w * 10, original_height=h * 10)
+                originals[key] = (h * 10, w * 10) if i % 3 == 0 else (h, w)
+                writer.write(
+                    {
+                        "__key__": key,
+                        "jpg" if fmt == "jpeg" else "png": buf.getvalue(),
+                        "txt": f"c{key}".encode(),
+                        "json": json.dumps(meta).encode(),
+                    }
+                )
+    return originals

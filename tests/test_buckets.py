@@ -2,7 +2,6 @@
 exact resume of a bucketed stream (samples waiting in partly filled queues are neither lost nor repeated)."""
 
 import io
-import json
 import math
 import random
 from itertools import islice
@@ -10,13 +9,14 @@ from itertools import islice
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 from PIL import Image
 
 from ldm.data.buckets import BucketSpec, BucketTransform, make_buckets, nearest_bucket
 from ldm.data.stream import ResumableLoader
 from ldm.data.webdataset import image_text_pipeline
 from ldm.models import CrossAttentionUNet
+
+from .helpers import write_mixed_shards
 
 NUM_SHARDS, PER_SHARD = 8, 6
 BASE, STEP = 16, 4  # buckets (h, w): (20, 12), (16, 16), (12, 20)
@@ -29,34 +29,6 @@ def _sizes_of_keys(n: int) -> dict[str, tuple[int, int]]:
     rng = random.Random(0)
     population = [s for s, w in SIZES.items() for _ in range(w)]
     return {f"{i:09d}": rng.choice(population) for i in range(n)}
-
-
-def write_mixed_shards(out, num_shards: int, per_shard: int, sizes: dict[str, tuple[int, int]]) -> dict:
-    """Shards of random-pixel images of the (width, height) `sizes` of their keys, JPEG and PNG in turn; every third
-    json gives img2dataset's original size (10× the stored one). Returns key → original (h, w)."""
-    rng = np.random.default_rng(0)
-    originals = {}
-    for s in range(num_shards):
-        with wds.TarWriter(str(out / f"mixed-{s:06d}.tar"), encoder=False, mtime=0) as writer:
-            for i in range(per_shard):
-                key = f"{s * per_shard + i:09d}"
-                w, h = sizes[key]
-                buf = io.BytesIO()
-                fmt = "png" if i % 2 else "jpeg"
-                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format=fmt)
-                meta = {"key": key, "caption": f"c{key}"}
-                if i % 3 == 0:
-                    meta.update(original_width=w * 10, original_height=h * 10)
-                originals[key] = (h * 10, w * 10) if i % 3 == 0 else (h, w)
-                writer.write(
-                    {
-                        "__key__": key,
-                        "jpg" if fmt == "jpeg" else "png": buf.getvalue(),
-                        "txt": f"c{key}".encode(),
-                        "json": json.dumps(meta).encode(),
-                    }
-                )
-    return originals
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,16 @@ import io
 import json
 import tarfile
 
+import lightning as L
 import open_clip
 import pytest
 import torch
 from PIL import Image
 
 from ldm.conditioning import FrozenOpenCLIPTextEncoder
+from ldm.data.buckets import make_buckets, nearest_bucket
 from ldm.data.latents import CACHE_INFO, decode_latents_member, encode_latents_member, latent_pipeline
+from ldm.data.stream import ResumableLoader
 from ldm.data.synthetic import write_synthetic_shards
 from ldm.data.webdataset import image_text_pipeline
 from ldm.inference import load_autoencoder
@@ -27,7 +30,7 @@ from ldm.models import KLAutoencoder
 from ldm.utils.checkpoint import atomic_save, load_bundle
 from ldm.utils.sd_import import stage1_checkpoint
 
-from .helpers import compose_train
+from .helpers import compose_train, write_mixed_shards
 
 TINY_AE = {
     "_target_": "ldm.models.KLAutoencoder",
@@ -57,21 +60,23 @@ def ae_ckpt(tmp_path_factory):
     return path
 
 
-def _cache(ae_ckpt, shards, out, **kwargs):
+def _cache(ae_ckpt, shards, out, crop="center", buckets=None, **kwargs):
     ae, bundle = load_autoencoder(ae_ckpt)
     text_encoder = kwargs.pop("text_encoder", None)
     resolution = kwargs.pop("resolution", 32)
-    info = cache_info(ae_ckpt, bundle, resolution, "center", text_encoder, str(shards))
+    info = cache_info(ae_ckpt, bundle, resolution, crop, text_encoder, str(shards), buckets=buckets)
     return cache_latents(
         ae,
         str(shards),
         out,
         resolution,
-        batch_size=6,
+        batch_size=kwargs.pop("batch_size", 6),
+        crop=crop,
         text_encoder=text_encoder,
-        num_workers=0,
+        num_workers=kwargs.pop("num_workers", 0),
         info=info,
         progress=False,
+        buckets=buckets,
         **kwargs,
     )
 
@@ -265,3 +270,229 @@ def test_launcher_rank_from_torchrun_then_slurm(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert launcher_rank() == (2, 4, 0)  # torchrun's variables win; LOCAL_RANK unset → 0
+
+
+# ---------------------------------------------------------------- a cache written with aspect-ratio buckets
+
+BUCKETS = {
+    "step": 8,
+    "max_ratio": 2.0,
+}  # at base 32: (40, 24), (32, 32), (24, 40); the tiny autoencoder halves them
+MIXED = [(32, 32), (24, 40), (40, 24), (26, 48), (36, 30)]  # stored (width, height), one per key in turn
+
+
+@pytest.fixture(scope="module")
+def mixed_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mixed")
+    sizes = {f"{i:09d}": MIXED[i % len(MIXED)] for i in range(30)}
+    originals = write_mixed_shards(out, 3, 10, sizes)  # key → original (h, w): every third from the json
+    return out, sizes, originals
+
+
+def _members(out) -> dict[str, dict]:
+    """key → decoded latents member of every sample of a cache."""
+    return {
+        key: decode_latents_member(data)
+        for path in sorted(out.glob("*.tar"))
+        for key, data in _tar_members(path, "latents.safetensors")
+    }
+
+
+def _tar_members(path, ext):
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, _, member_ext = member.name.partition(".")
+            if member_ext == ext:
+                yield key, tar.extractfile(member).read()
+
+
+def test_bucketed_cache_holds_each_image_at_its_bucket_with_micro_conditioning(
+    mixed_shards, ae_ckpt, tmp_path
+):
+    shards, sizes, originals = mixed_shards
+    out = tmp_path / "cache"
+    report = _cache(ae_ckpt, shards, out, buckets=BUCKETS, batch_size=4)
+    assert report.samples == 30 and report.shards_written == 3
+    buckets = make_buckets(32, 8, 2.0)
+    info = json.loads((out / CACHE_INFO).read_text())
+    assert info["buckets"] == {**BUCKETS, "base": None, "sizes": [list(hw) for hw in buckets]}
+
+    # the cache holds what training on the images with the same buckets would encode
+    ae, _ = load_autoencoder(ae_ckpt)
+    source = {
+        b["key"][0]: b
+        for b in image_text_pipeline(
+            str(shards), 32, 1, crop="center", shuffle_buffer=0, resampled=False, buckets=BUCKETS
+        )
+    }
+    assert sorted(source) == sorted(sizes)
+    seen, shapes = [], set()
+    for batch in latent_pipeline(str(out), 4, shuffle_buffer=0, resampled=False, partial_batches=True):
+        shapes.add(tuple(batch["latent_mean"].shape[-2:]))
+        for i, key in enumerate(batch["key"]):
+            bucket = nearest_bucket(*sizes[key], buckets)
+            assert tuple(batch["latent_mean"].shape[-2:]) == (bucket[0] // 2, bucket[1] // 2)
+            image = source[key]
+            torch.testing.assert_close(
+                batch["latent_mean"][i], ae.encode(image["image"]).mean[0], atol=2e-3, rtol=2e-3
+            )
+            for name in ("original_size", "crop_coords", "target_size"):
+                assert torch.equal(batch[name][i], image[name][0]), name
+            assert tuple(batch["original_size"][i].tolist()) == originals[key]
+        seen += batch["key"]
+    assert sorted(seen) == sorted(sizes)  # every image once
+    assert shapes == {(h // 2, w // 2) for h, w in buckets}  # batches of one bucket each, all three met
+
+
+def test_random_crops_of_a_cache_are_fixed_by_the_key(mixed_shards, ae_ckpt, tmp_path):
+    shards = mixed_shards[0]
+    _cache(ae_ckpt, shards, tmp_path / "one", crop="random", buckets=BUCKETS)
+    for rank in (0, 1):  # two processes' shares, batched differently
+        _cache(
+            ae_ckpt,
+            shards,
+            tmp_path / "two",
+            crop="random",
+            buckets=BUCKETS,
+            rank=rank,
+            world_size=2,
+            batch_size=3,
+        )
+    one, two = _members(tmp_path / "one"), _members(tmp_path / "two")
+    assert sorted(one) == sorted(two) and len(one) == 30
+    for key in one:
+        assert torch.equal(one[key]["crop_coords"], two[key]["crop_coords"])
+        torch.testing.assert_close(one[key]["latent_mean"], two[key]["latent_mean"], atol=1e-3, rtol=0)
+    crops = {tuple(m["crop_coords"].tolist()) for m in one.values()}
+    assert len(crops) > 2  # random, not all centred
+    assert json.loads((tmp_path / "one" / CACHE_INFO).read_text())["crop"] == "random"
+
+
+def test_bucketed_cache_refuses_other_buckets_and_sizes_the_autoencoder_cannot_take(
+    mixed_shards, ae_ckpt, tmp_path
+):
+    shards = mixed_shards[0]
+    out = tmp_path / "cache"
+    _cache(ae_ckpt, shards, out)  # square
+    with pytest.raises(ValueError, match="different 'buckets'"):
+        _cache(ae_ckpt, shards, out, buckets=BUCKETS)
+    with pytest.raises(ValueError, match="multiples of the autoencoder's downsampling"):
+        _cache(ae_ckpt, shards, tmp_path / "odd", buckets={"step": 3})  # the tiny autoencoder downsamples 2×
+    legacy = json.loads((out / CACHE_INFO).read_text())
+    del legacy["buckets"]  # a cache_info.json written before buckets existed was square
+    (out / CACHE_INFO).write_text(json.dumps(legacy))
+    assert _cache(ae_ckpt, shards, out).shards_skipped == 3
+    with pytest.raises(ValueError, match="different 'buckets'"):
+        _cache(ae_ckpt, shards, out, buckets=BUCKETS)
+
+
+def _latent_loader(urls):
+    stream = latent_pipeline(urls, 3, shuffle_buffer=6, resampled=True, round_shards=1)
+    return ResumableLoader(stream, num_workers=0)
+
+
+def test_resumed_bucketed_latent_stream_continues_with_the_next_batches(
+    mixed_shards, ae_ckpt, tmp_path, monkeypatch
+):
+    out = tmp_path / "cache"
+    _cache(ae_ckpt, mixed_shards[0], out, buckets=BUCKETS)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+
+    def consume(loader, n):
+        batches = []
+        for batch in loader:
+            loader.mark_consumed(batch)
+            batches.append(batch)
+            if len(batches) == n:
+                return batches
+        raise AssertionError("the resampled stream ended")
+
+    expected = consume(_latent_loader(str(out)), 16)
+    waited = 0
+    for stop in (3, 7, 12):
+        first = _latent_loader(str(out))
+        before = consume(first, stop)
+        state = first.state_dict()
+        waited += sum(len(p) for p in state["ranks"][0]["pending"].values())
+        resumed = _latent_loader(str(out))
+        resumed.load_state_dict(state)
+        got = before + consume(resumed, 16 - stop)
+        assert [b["key"] for b in got] == [b["key"] for b in expected]
+        for a, b in zip(got, expected, strict=True):
+            assert torch.equal(a["latent_mean"], b["latent_mean"]) and torch.equal(
+                a["crop_coords"], b["crop_coords"]
+            )
+    assert waited > 0  # some stop had samples waiting in the queues of other buckets
+
+
+class _BatchShapes(L.Callback):
+    def __init__(self):
+        self.shapes, self.micro = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.shapes.append(tuple(batch["latent_mean"].shape[-2:]))
+        self.micro.append("original_size" in batch)
+
+
+def test_stage2_trains_on_a_bucketed_cache_with_micro_conditioning(mixed_shards, ae_ckpt, tmp_path):
+    from ldm.training.run import train
+
+    out = tmp_path / "cache"
+    _cache(ae_ckpt, mixed_shards[0], out, buckets=BUCKETS)
+    overrides = [
+        "experiment=tiny",
+        "data=latents",
+        f"data.train_urls={out}",
+        "data.batch_size=3",
+        "data.num_workers=0",
+        "data.shuffle_buffer=6",
+        "unet.micro_conditioning=true",
+        "trainer.max_steps=6",
+        "optim.warmup_steps=1",
+        "logger=csv",
+        "callbacks.sample_grid.every_n_steps=0",
+        "callbacks.sample_grid.at_train_end=false",
+    ]
+    seen = _BatchShapes()
+    result = train(compose_train(*overrides, run_dir=str(tmp_path / "run")), extra_callbacks=[seen])
+    assert result["global_step"] == 6 and all(seen.micro)
+    assert len(set(seen.shapes)) > 1  # the steps met several buckets
+    weights = load_bundle(result["checkpoint"])[1]["state_dict"]
+    assert any("micro" in name for name in weights)  # the micro-conditioning layer was built and saved
+
+    odd = tmp_path / "odd"  # 2-px steps: latent sizes the autoencoder gives, but not all the UNet halves
+    _cache(ae_ckpt, mixed_shards[0], odd, buckets={"step": 2})
+    cfg = compose_train(*overrides, f"data.train_urls={odd}", run_dir=str(tmp_path / "run-odd"))
+    with pytest.raises(ValueError, match="cache again with buckets.step a multiple of 4"):
+        train(cfg)
+
+
+def test_cache_cli_applies_crop_and_buckets(mixed_shards, ae_ckpt, tmp_path):
+    import subprocess
+    import sys
+
+    from .helpers import ROOT
+
+    shards = mixed_shards[0]
+    cmd = [
+        sys.executable,
+        "scripts/cache_latents.py",
+        f"autoencoder_ckpt={ae_ckpt}",
+        f"urls={shards}",
+        f"out_dir={tmp_path / 'cli'}",
+        "crop=random",
+        "buckets={step: 8, max_ratio: 2.0}",
+        "batch_size=4",
+        "num_workers=0",
+        "device=cpu",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 shards written (30 samples)" in proc.stdout
+    info = json.loads((tmp_path / "cli" / CACHE_INFO).read_text())
+    assert info["crop"] == "random" and info["buckets"]["step"] == 8
+    _cache(ae_ckpt, shards, tmp_path / "api", crop="random", buckets=BUCKETS)
+    cli, api = _members(tmp_path / "cli"), _members(tmp_path / "api")
+    assert {k: v["crop_coords"].tolist() for k, v in cli.items()} == {
+        k: v["crop_coords"].tolist() for k, v in api.items()
+    }

@@ -41,6 +41,7 @@ from PIL import ExifTags, Image
 from ldm.data.transforms import CROPS, resize_crop, source_size
 
 Size = tuple[int, int]  # (height, width)
+MICRO_KEYS = ("original_size", "crop_coords", "target_size")  # what a bucketed sample carries, (2,) each
 
 
 def make_buckets(base: int = 256, step: int = 64, max_ratio: float = 2.0) -> list[Size]:
@@ -181,9 +182,8 @@ class BucketDecoder:
         if placed is None:
             raise RuntimeError("the wrapped decoder did not call its BucketTransform")
         original = _original_size(sample, self.decoder.image_keys) or placed.size
-        out["original_size"] = torch.tensor(original, dtype=torch.long)
-        out["crop_coords"] = torch.tensor(placed.crop, dtype=torch.long)
-        out["target_size"] = torch.tensor(placed.bucket, dtype=torch.long)
+        for name, value in zip(MICRO_KEYS, (original, placed.crop, placed.bucket), strict=True):
+            out[name] = torch.tensor(value, dtype=torch.long)
         return out
 
 

@@ -5,6 +5,11 @@ shard keeps the keys, captions and json metadata of its image shard and replaces
 
     <key>.latents.safetensors   mean, std: (C, h, w) fp16 — the diagonal-Gaussian posterior q(z | x), unscaled
                                 text_tokens (L, D), text_pooled (P,), text_mask (L,) uint8 — only when text is cached
+                                original_size, crop_coords, target_size (2,) int64 — only in a bucketed cache
+
+In a cache written with aspect-ratio buckets (`ldm.data.buckets`) each image was encoded at its own bucket, so
+(h, w) varies between samples; the stream batches by shape, so every batch is one bucket, and the SDXL
+micro-conditioning of each sample travels with it.
 
 Latents are stored before the latent scale/shift is applied, so re-measuring the scale never invalidates a cache.
 The folder also holds `cache_info.json`, written by `ldm.latent_cache`: what made the cache (autoencoder checkpoint,
@@ -15,13 +20,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from ldm.data.buckets import MICRO_KEYS
 from ldm.data.stream import ShardStream
 from ldm.data.transforms import SampleError, decode_caption
 from ldm.data.webdataset import SkipCounter, expand_urls
@@ -36,9 +42,15 @@ def encode_latents_member(
     text_tokens: torch.Tensor | None = None,
     text_pooled: torch.Tensor | None = None,
     text_mask: torch.Tensor | None = None,
+    micro: Mapping[str, torch.Tensor] | None = None,
 ) -> bytes:
-    """One sample's cached tensors as safetensors bytes (floats in fp16, the mask as uint8)."""
+    """One sample's cached tensors as safetensors bytes (floats in fp16, the mask as uint8); `micro`: the
+    bucketed sample's `MICRO_KEYS` sizes, stored as int64."""
     tensors = {"mean": mean.half(), "std": std.half()}
+    for name, value in (micro or {}).items():
+        if name not in MICRO_KEYS:
+            raise ValueError(f"unknown micro-conditioning entry {name!r}; expected {MICRO_KEYS}")
+        tensors[name] = torch.as_tensor(value).long()
     if text_tokens is not None:
         tensors["text_tokens"] = text_tokens.half()
     if text_pooled is not None:
@@ -62,11 +74,15 @@ def decode_latents_member(data: bytes) -> dict[str, torch.Tensor]:
             out[name] = tensors[name].float()
     if "text_mask" in tensors:
         out["text_mask"] = tensors["text_mask"].bool()
+    for name in MICRO_KEYS:
+        if name in tensors:
+            out[name] = tensors[name].long()
     return out
 
 
 class DecodeLatents:
-    """Raw cached samples → {"latent_mean", "latent_std", ["text_*"], "caption", "key"}; bad ones counted.
+    """Raw cached samples → {"latent_mean", "latent_std", ["text_*"], [micro-conditioning], "caption", "key"};
+    bad ones counted.
 
     No augmentation: an autoencoder is not flip-equivariant, so a mirrored latent is not the latent of the
     mirrored image. Crops and flips are fixed when the cache is written.
@@ -108,7 +124,9 @@ def latent_pipeline(
     log_every: int = 1000,
 ) -> ShardStream:
     """Batches from cached-latent shards: {"latent_mean": (B, C, h, w), "latent_std", "caption", "key", ...},
-    with "text_tokens" / "text_pooled" / "text_mask" when the cache holds the text encoding. Same shard
+    with "text_tokens" / "text_pooled" / "text_mask" when the cache holds the text encoding, and
+    "original_size" / "crop_coords" / "target_size" (B, 2) when it was written with buckets (each batch is then
+    one bucket: samples are batched by shape). Same shard
     handling (resampling, splitting, shuffling, skip counting, exact resume) as `image_text_pipeline`."""
     return ShardStream(
         urls,

@@ -23,7 +23,6 @@ import braceexpand
 import torch
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
-from webdataset.utils import pytorch_worker_info
 
 from ldm.data.filters import FILTER_REASONS, SampleFilter
 from ldm.data.transforms import ImageTransform, SampleError, decode_caption, decode_image
@@ -100,12 +99,6 @@ def _folder_shards(url: str) -> list[str]:
     if not shards:
         raise ValueError(f"folder {url} holds no .tar shards")
     return shards
-
-
-def _stream_rng(seed: int, stage: str, epoch: int) -> random.Random:
-    """A generator distinct for each rank, DataLoader worker, epoch and stage, and reproducible."""
-    rank, _, worker, _ = pytorch_worker_info()
-    return random.Random(f"{seed}/{stage}/rank{rank}/worker{worker}/epoch{epoch}")
 
 
 _META_FILE = re.compile(r"(^|/)__[^/]*__($|/)")
@@ -260,34 +253,6 @@ class ImageDecoder:
         except Exception as exn:
             raise SampleError("decode_error", f"transform failed: {type(exn).__name__}: {exn}") from exn
         return {"image": tensor, "caption": caption, "key": sample["__key__"]}
-
-
-class DecodeSamples:
-    """Raw samples → decoded samples (`ImageDecoder`); bad ones counted and skipped."""
-
-    def __init__(
-        self,
-        transform: ImageTransform,
-        counter: SkipCounter,
-        image_keys: Sequence[str] = IMAGE_KEYS,
-        seed: int = 0,
-    ):
-        self.decode_one, self.counter, self.seed = ImageDecoder(transform, image_keys), counter, seed
-        self.epoch = -1
-
-    def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
-        self.epoch += 1
-        rng = _stream_rng(self.seed, "augment", self.epoch)
-        for sample in samples:
-            try:
-                decoded = self.decode_one(sample, rng)
-            except SampleError as exn:
-                self.counter.skip(exn.reason, exn, f"{sample.get('__url__')}:{sample.get('__key__')}")
-                continue
-            except Exception as exn:
-                self.counter.skip("other", exn, f"{sample.get('__url__')}:{sample.get('__key__')}")
-                continue
-            yield decoded
 
 
 class Batch:

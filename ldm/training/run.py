@@ -206,17 +206,25 @@ def _check_resumable(path: str | None) -> None:
 
 
 def _check_bucket_sizes(cfg: DictConfig, module: L.LightningModule) -> None:
-    """Aspect-ratio buckets must be latent sizes the networks take: multiples of the total downsampling."""
-    if not cfg.data.get("buckets"):
-        return
+    """Aspect-ratio buckets (`data.buckets`, or those a latent cache was written with) must be latent sizes the
+    networks take: multiples of the total downsampling."""
     from ldm.data.buckets import BucketSpec
+    from ldm.latent_cache import cached_bucket_sizes
 
+    cached = cached_bucket_sizes(_cache_info(cfg))
+    if not cfg.data.get("buckets") and cached is None:
+        return
     if stage_of(cfg) == "diffusion":
         factor = module.codec.autoencoder.downsample_factor * module.unet.downsample_factor
     else:
         factor = module.autoencoder.downsample_factor
-    sizes = BucketSpec.of(cfg.data.buckets).sizes(cfg.data.resolution)
+    sizes = cached or BucketSpec.of(cfg.data.buckets).sizes(cfg.data.resolution)
     bad = [hw for hw in sizes if hw[0] % factor or hw[1] % factor]
+    if bad and cached is not None:
+        raise ValueError(
+            f"the cached latents in {cfg.data.train_urls} hold bucket sizes {bad}, not multiples of {factor} (the "
+            f"autoencoder's and UNet's total downsampling); cache again with buckets.step a multiple of {factor}"
+        )
     if bad:
         raise ValueError(
             f"data.buckets: sizes {bad} are not multiples of {factor} (the autoencoder's and UNet's total "
