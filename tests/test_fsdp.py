@@ -6,7 +6,8 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from ldm.training.fsdp import UNetFSDPStrategy, _state_by_name
+from ldm.models import CrossAttentionUNet
+from ldm.training.fsdp import UNetFSDPStrategy, _state_by_name, compile_blocks
 from ldm.training.run import train
 
 from .helpers import compose_train
@@ -51,3 +52,41 @@ def test_optimizer_state_is_matched_to_names_by_group_position():
     other = torch.optim.AdamW(model.parameters())  # one group of six, not two of two and four
     with pytest.raises(ValueError, match="groups of sizes"):
         _state_by_name(optimizer.state_dict(), other, model, "x.ckpt")
+
+
+def test_every_compiled_block_gets_its_graph(monkeypatch):
+    """`compile=true` under FSDP compiles the UNet block by block. All blocks share one forward, and dynamo keeps 8
+    graphs per code object by default; past that a block runs eagerly for the rest of the run. An SD2-layout UNet
+    (4 levels, attention at 3) makes 20 block graphs at a single size, so with the defaults 12 of its 25 blocks ran
+    uncompiled. Dynamo itself is the judge: no frame may hit the limit. (The eager backend traces as inductor
+    would, without its code generation; each graph costs ~0.5 s to trace here, so one size is tried. Buckets,
+    batch sizes and gradient modes each multiply the graphs, and `compile_blocks` makes room for them too.)"""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # the defaults, whatever ran before
+    monkeypatch.setattr(torch._dynamo.config, "accumulated_recompile_limit", 256)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    unet = CrossAttentionUNet(
+        in_channels=4,
+        out_channels=4,
+        model_channels=16,
+        channel_mult=[1, 2, 4, 4],
+        num_res_blocks=2,
+        attention_resolutions=[4, 2, 1],
+        head_dim=16,
+        context_dim=8,
+        num_groups=8,
+    )
+    compile_blocks(unet.blocks(), num_sizes=1, backend="eager")
+    assert torch._dynamo.config.recompile_limit >= 2 * len(unet.blocks())
+    try:
+        out = unet(torch.randn(2, 4, 16, 16), torch.tensor([3, 700]), torch.randn(2, 5, 8))
+        out.square().mean().backward()
+        frames = counters["frames"]
+        assert frames["total"] == frames["ok"]  # a frame past the limit is counted, but never compiled
+        assert counters["stats"]["unique_graphs"] > 8
+    finally:
+        torch._dynamo.reset()

@@ -230,25 +230,29 @@ def test_stage2_trains_from_cached_latents_without_encoding(shards, ae_ckpt, tmp
         raise AssertionError("the autoencoder encoder ran in the training step")
 
     monkeypatch.setattr(KLAutoencoder, "encode", no_encoding)
-    cfg = compose_train(
-        "experiment=tiny",
-        "data=latents",
-        f"data.train_urls={out}",
-        "data.batch_size=8",
-        "data.num_workers=0",
-        "data.shuffle_buffer=8",
-        "trainer.max_steps=3",
-        "optim.warmup_steps=1",
-        "logger=csv",
-        "callbacks.sample_grid.every_n_steps=0",
-        "callbacks.sample_grid.at_train_end=false",
-        run_dir=str(tmp_path / "run"),
-    )
+    cfg = compose_train(*_latent_run(out, batch_size=8, steps=3), run_dir=str(tmp_path / "run"))
     result = train(cfg)  # autoencoder_ckpt and resolution come from the cache's cache_info.json
     bundle, _ = load_bundle(result["checkpoint"])
     assert result["global_step"] == 3 and bundle["config"]["data"]["resolution"] == 32
     assert bundle["config"]["autoencoder_ckpt"] == str(ae_ckpt.resolve())
     assert bundle["latent_scale"] > 0
+
+
+def _latent_run(cache, batch_size: int, steps: int) -> list[str]:
+    """Overrides of a tiny stage-2 run on the cached latents in `cache`, logging to CSV, without sample grids."""
+    return [
+        "experiment=tiny",
+        "data=latents",
+        f"data.train_urls={cache}",
+        f"data.batch_size={batch_size}",
+        "data.num_workers=0",
+        f"data.shuffle_buffer={2 * batch_size}",
+        f"trainer.max_steps={steps}",
+        "optim.warmup_steps=1",
+        "logger=csv",
+        "callbacks.sample_grid.every_n_steps=0",
+        "callbacks.sample_grid.at_train_end=false",
+    ]
 
 
 def _png() -> bytes:
@@ -439,22 +443,9 @@ def test_stage2_trains_on_a_bucketed_cache_with_micro_conditioning(mixed_shards,
 
     out = tmp_path / "cache"
     _cache(ae_ckpt, mixed_shards[0], out, buckets=BUCKETS)
-    overrides = [
-        "experiment=tiny",
-        "data=latents",
-        f"data.train_urls={out}",
-        "data.batch_size=3",
-        "data.num_workers=0",
-        "data.shuffle_buffer=6",
-        "unet.micro_conditioning=true",
-        "trainer.max_steps=6",
-        "optim.warmup_steps=1",
-        "logger=csv",
-        "callbacks.sample_grid.every_n_steps=0",
-        "callbacks.sample_grid.at_train_end=false",
-    ]
     seen = _BatchShapes()
-    result = train(compose_train(*overrides, run_dir=str(tmp_path / "run")), extra_callbacks=[seen])
+    run = [*_latent_run(out, batch_size=3, steps=6), "unet.micro_conditioning=true"]
+    result = train(compose_train(*run, run_dir=str(tmp_path / "run")), extra_callbacks=[seen])
     assert result["global_step"] == 6 and all(seen.micro)
     assert len(set(seen.shapes)) > 1  # the steps met several buckets
     weights = load_bundle(result["checkpoint"])[1]["state_dict"]
@@ -462,7 +453,7 @@ def test_stage2_trains_on_a_bucketed_cache_with_micro_conditioning(mixed_shards,
 
     odd = tmp_path / "odd"  # 2-px steps: latent sizes the autoencoder gives, but not all the UNet halves
     _cache(ae_ckpt, mixed_shards[0], odd, buckets={"step": 2})
-    cfg = compose_train(*overrides, f"data.train_urls={odd}", run_dir=str(tmp_path / "run-odd"))
+    cfg = compose_train(*run, f"data.train_urls={odd}", run_dir=str(tmp_path / "run-odd"))
     with pytest.raises(ValueError, match="cache again with buckets.step a multiple of 4"):
         train(cfg)
 

@@ -213,3 +213,21 @@ def full_tensor(x: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return x.full_tensor() if isinstance(x, DTensor) else x
+
+
+def compile_blocks(blocks: list[nn.Module], num_sizes: int = 1, backend: str = "inductor") -> None:
+    """torch.compile each block on its own, with static shapes (under FSDP the gather/free hooks stay between the
+    compiled graphs), with room in dynamo's cache for every graph the run makes.
+
+    Dynamo keeps at most `recompile_limit` (8) graphs per code object and runs a frame past it eagerly, for the
+    rest of the process. Every UNet block runs the same `EmbedSequential.forward`, and blocks of another structure
+    or input shape each need their own graph: an SD2-layout UNet makes 20 graphs at one latent size (tests/
+    test_fsdp.py), so with the default only 8 blocks ran compiled. Each training size (aspect-ratio bucket)
+    multiplies that, and so do gradient mode and batch size (sample grids, a last partial batch): the limits are
+    raised to blocks × 2 × (sizes + 2) graphs."""
+    needed = len(blocks) * 2 * (num_sizes + 2)
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, needed)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, needed)
+    for block in blocks:
+        block.compile(dynamic=False, backend=backend)

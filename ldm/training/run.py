@@ -22,7 +22,7 @@ from ldm.data.latents import read_cache_info
 from ldm.inference import LatentCodec
 from ldm.training.checkpoint_io import AtomicCheckpointIO
 from ldm.training.fast_paths import FastPathsCallback
-from ldm.training.fsdp import is_sharded
+from ldm.training.fsdp import compile_blocks, is_sharded
 from ldm.training.init_from import load_init_weights
 from ldm.training.nonfinite import NonFiniteGradients, NonFiniteGuard
 from ldm.training.resume import ExactResumeCallback, PreemptionCallback
@@ -163,8 +163,7 @@ def _compile(cfg: DictConfig, module: L.LightningModule, strategy=None) -> None:
     network = module.trainable_module()
     if is_sharded(strategy):
         # FSDP: block by block, so that each block's gather/free hooks stay outside the compiled graphs
-        for block in network.blocks():
-            block.compile(dynamic=False)
+        compile_blocks(network.blocks(), num_sizes=len(_training_sizes(cfg) or [None]))
     else:
         network.compile()
     if stage_of(cfg) == "diffusion" and _cache_info(cfg) is None:
@@ -205,22 +204,30 @@ def _check_resumable(path: str | None) -> None:
         )
 
 
-def _check_bucket_sizes(cfg: DictConfig, module: L.LightningModule) -> None:
-    """Aspect-ratio buckets (`data.buckets`, or those a latent cache was written with) must be latent sizes the
-    networks take: multiples of the total downsampling."""
+def _training_sizes(cfg: DictConfig) -> list[tuple[int, int]] | None:
+    """The image sizes (h, w) of the training batches with aspect-ratio buckets (`data.buckets`, or those a latent
+    cache was written with); None for square images of `data.resolution`."""
     from ldm.data.buckets import BucketSpec
     from ldm.latent_cache import cached_bucket_sizes
 
     cached = cached_bucket_sizes(_cache_info(cfg))
-    if not cfg.data.get("buckets") and cached is None:
+    if cached is not None or not cfg.data.get("buckets"):
+        return cached
+    return BucketSpec.of(cfg.data.buckets).sizes(cfg.data.resolution)
+
+
+def _check_bucket_sizes(cfg: DictConfig, module: L.LightningModule) -> None:
+    """Aspect-ratio buckets must be latent sizes the networks take: multiples of the total downsampling."""
+    sizes = _training_sizes(cfg)
+    if sizes is None:
         return
     if stage_of(cfg) == "diffusion":
         factor = module.codec.autoencoder.downsample_factor * module.unet.downsample_factor
     else:
         factor = module.autoencoder.downsample_factor
-    sizes = cached or BucketSpec.of(cfg.data.buckets).sizes(cfg.data.resolution)
+    cached = _cache_info(cfg) is not None
     bad = [hw for hw in sizes if hw[0] % factor or hw[1] % factor]
-    if bad and cached is not None:
+    if bad and cached:
         raise ValueError(
             f"the cached latents in {cfg.data.train_urls} hold bucket sizes {bad}, not multiples of {factor} (the "
             f"autoencoder's and UNet's total downsampling); cache again with buckets.step a multiple of {factor}"
