@@ -1,5 +1,6 @@
 """Latent statistics, the cached-latent shards (writer and reader), and stage 2 trained from them."""
 
+import csv
 import io
 import json
 import tarfile
@@ -445,11 +446,24 @@ def test_stage2_trains_on_a_bucketed_cache_with_micro_conditioning(mixed_shards,
     _cache(ae_ckpt, mixed_shards[0], out, buckets=BUCKETS)
     seen = _BatchShapes()
     run = [*_latent_run(out, batch_size=3, steps=6), "unet.micro_conditioning=true"]
-    result = train(compose_train(*run, run_dir=str(tmp_path / "run")), extra_callbacks=[seen])
+    cfg = compose_train(*run, "trainer.log_every_n_steps=1", run_dir=str(tmp_path / "run"))
+    result = train(cfg, extra_callbacks=[seen])
     assert result["global_step"] == 6 and all(seen.micro)
     assert len(set(seen.shapes)) > 1  # the steps met several buckets
-    weights = load_bundle(result["checkpoint"])[1]["state_dict"]
-    assert any("micro" in name for name in weights)  # the micro-conditioning layer was built and saved
+    ckpt = load_bundle(result["checkpoint"])[1]
+    assert any(
+        "micro" in name for name in ckpt["state_dict"]
+    )  # the micro-conditioning layer was built and saved
+
+    # the FLOPs of each step follow its bucket's area: counted on the first batch, scaled by latent elements
+    flops = ckpt["callbacks"]["ThroughputCallback"]["flops_per_batch"]
+    (metrics,) = (tmp_path / "run").glob("**/metrics.csv")
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("perf/tflops_per_device")]
+    assert len(rows) == 6
+    first = seen.shapes[0][0] * seen.shapes[0][1]
+    for row, (h, w) in zip(rows, seen.shapes, strict=True):
+        step_flops = float(row["perf/tflops_per_device"]) * float(row["perf/step_time"]) * 1e12
+        assert step_flops == pytest.approx(flops * h * w / first, rel=1e-6)
 
     odd = tmp_path / "odd"  # 2-px steps: latent sizes the autoencoder gives, but not all the UNet halves
     _cache(ae_ckpt, mixed_shards[0], odd, buckets={"step": 2})

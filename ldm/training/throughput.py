@@ -21,7 +21,9 @@ class ThroughputCallback(L.Callback):
     perf/images_per_sec   images per second over all ranks, over the last step
     perf/samples_seen     images consumed by all ranks since the run began (carried across resumes)
     perf/tflops_per_device  FLOPs of one training step per device (forward, backward, optimizer; counted once
-                          with torch.utils.flop_counter on the first batch) ÷ step time
+                          with torch.utils.flop_counter on the first batch, and scaled for every later batch by
+                          its size in pixels (or latent elements) relative to the first: aspect-ratio buckets
+                          differ in area by several percent) ÷ step time
     perf/mfu              model-FLOPs utilisation: perf/tflops_per_device ÷ the device's peak for the run's
                           precision (ldm.utils.speed.PEAK_TFLOPS, or `peak_tflops`); only where the peak is known
     perf/gpu_mem_gb       peak GPU memory allocated by tensors during the last optimizer step (GiB; CUDA only)
@@ -35,11 +37,12 @@ class ThroughputCallback(L.Callback):
         self.peak_tflops = peak_tflops  # None: looked up from the device name at the start of training
         self.samples_seen = 0
         self.flops_per_batch: float | None = None
+        self.flops_numel: int | None = None  # elements of the input of the batch the FLOPs were counted on
+        self._flops = 0.0
         self._counter: FlopCounterMode | None = None
         self._t0: float | None = None
         self._wait0 = 0.0
         self._images = 0
-        self._micro = 0
 
     def _wait(self, trainer) -> float:
         loader = trainer.fit_loop._combined_loader
@@ -63,10 +66,15 @@ class ThroughputCallback(L.Callback):
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
             self.flops_per_batch = float(self._counter.get_total_flops())
+            self.flops_numel = _input_numel(batch)
             self._counter = None
         n = len(batch["key"]) if "key" in batch else 0
         self._images += n * trainer.world_size
-        self._micro += 1
+        if self.flops_per_batch:
+            numel = _input_numel(batch)
+            self._flops += self.flops_per_batch * (
+                numel / self.flops_numel if numel and self.flops_numel else 1.0
+            )
         if (batch_idx + 1) % trainer.accumulate_grad_batches != 0:
             return
         now, wait = time.perf_counter(), self._wait(trainer)
@@ -79,7 +87,7 @@ class ThroughputCallback(L.Callback):
             "perf/step_time": dt,
         }
         if self.flops_per_batch:
-            metrics["perf/tflops_per_device"] = self.flops_per_batch * self._micro / dt / 1e12
+            metrics["perf/tflops_per_device"] = self._flops / dt / 1e12
             if self.peak_tflops:
                 metrics["perf/mfu"] = metrics["perf/tflops_per_device"] / self.peak_tflops
         if pl_module.device.type == "cuda":
@@ -87,10 +95,14 @@ class ThroughputCallback(L.Callback):
             metrics["perf/gpu_mem_reserved_gb"] = torch.cuda.max_memory_reserved(pl_module.device) / 2**30
             torch.cuda.reset_peak_memory_stats(pl_module.device)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
-        self._t0, self._wait0, self._images, self._micro = now, wait, 0, 0
+        self._t0, self._wait0, self._images, self._flops = now, wait, 0, 0.0
 
     def state_dict(self) -> dict:
-        return {"samples_seen": self.samples_seen, "flops_per_batch": self.flops_per_batch}
+        return {
+            "samples_seen": self.samples_seen,
+            "flops_per_batch": self.flops_per_batch,
+            "flops_numel": self.flops_numel,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.samples_seen = int(state_dict.get("samples_seen", 0))
@@ -98,3 +110,12 @@ class ThroughputCallback(L.Callback):
         # and a resumed run must take the same steps as an uninterrupted one
         flops = state_dict.get("flops_per_batch")
         self.flops_per_batch = float(flops) if flops is not None else self.flops_per_batch
+        self.flops_numel = state_dict.get("flops_numel", self.flops_numel if flops is None else None)
+
+
+def _input_numel(batch: dict) -> int | None:
+    """Elements of a training batch's input (images, or cached latents): what its FLOPs scale with, nearly."""
+    for name in ("image", "latent_mean"):
+        if isinstance(batch.get(name), torch.Tensor):
+            return batch[name].numel()
+    return None
