@@ -308,8 +308,9 @@ def cache_latents(
     """Encode the shards of `urls` assigned to `rank` (every `world_size`-th) into `out_dir`, one cached shard per
     image shard, same file name. Images are cropped once (`crop`: "center", or one random crop per image, fixed
     by its key): square at `resolution`, or with `buckets` (a `BucketSpec` or its mapping, as `data.buckets`)
-    each image at the aspect-ratio bucket nearest its own, with its micro-conditioning. A shard is written to a temporary file and renamed when complete, so shards
-    already in `out_dir` are complete and are skipped: rerunning after a crash or preemption resumes.
+    each image at the aspect-ratio bucket nearest its own, with its micro-conditioning. A shard is written to a
+    temporary file and renamed when complete, so shards already in `out_dir` are complete and are skipped:
+    rerunning after a crash or preemption resumes.
 
     `info` (what made the cache) goes to `out_dir/cache_info.json`; rank 0 writes it, and a cache made with
     different settings is refused rather than mixed.
