@@ -54,7 +54,7 @@ def test_optimizer_state_is_matched_to_names_by_group_position():
         _state_by_name(optimizer.state_dict(), other, model, "x.ckpt")
 
 
-def test_every_compiled_block_gets_its_graph(monkeypatch):
+def test_every_compiled_block_gets_its_graph():
     """`compile=true` under FSDP compiles the UNet block by block. All blocks share one forward, and dynamo keeps 8
     graphs per code object by default; past that a block runs eagerly for the rest of the run. An SD2-layout UNet
     (4 levels, attention at 3) makes 20 block graphs at a single size, so with the defaults 12 of its 25 blocks ran
@@ -64,10 +64,6 @@ def test_every_compiled_block_gets_its_graph(monkeypatch):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # the defaults, whatever ran before
-    monkeypatch.setattr(torch._dynamo.config, "accumulated_recompile_limit", 256)
-    torch._dynamo.reset()
-    counters.clear()
     torch.manual_seed(0)
     unet = CrossAttentionUNet(
         in_channels=4,
@@ -80,13 +76,17 @@ def test_every_compiled_block_gets_its_graph(monkeypatch):
         context_dim=8,
         num_groups=8,
     )
-    compile_blocks(unet.blocks(), num_sizes=1, backend="eager")
-    assert torch._dynamo.config.recompile_limit >= 2 * len(unet.blocks())
-    try:
-        out = unet(torch.randn(2, 4, 16, 16), torch.tensor([3, 700]), torch.randn(2, 5, 8))
-        out.square().mean().backward()
-        frames = counters["frames"]
-        assert frames["total"] == frames["ok"]  # a frame past the limit is counted, but never compiled
-        assert counters["stats"]["unique_graphs"] > 8
-    finally:
+    # dynamo's defaults whatever ran before, restored afterwards (pytest's monkeypatch would delete its entries)
+    with torch._dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=256):
         torch._dynamo.reset()
+        counters.clear()
+        try:
+            compile_blocks(unet.blocks(), num_sizes=1, backend="eager")
+            assert torch._dynamo.config.recompile_limit >= 2 * len(unet.blocks())
+            out = unet(torch.randn(2, 4, 16, 16), torch.tensor([3, 700]), torch.randn(2, 5, 8))
+            out.square().mean().backward()
+            frames = counters["frames"]
+            assert frames["total"] == frames["ok"]  # a frame past the limit is counted, but never compiled
+            assert counters["stats"]["unique_graphs"] > 8
+        finally:
+            torch._dynamo.reset()
