@@ -1,6 +1,9 @@
-"""slurm/train_multinode.sbatch on a real local Slurm cluster (scripts/slurm_local.sh: two emulated nodes): 2 nodes ×
-1 task, CPU DDP. Preempted with `scancel --signal=USR1` once training runs; the job must checkpoint, requeue itself,
-restore from that checkpoint and finish, with every rank taking exactly the samples an uninterrupted stream gives."""
+"""slurm/*.sbatch on a real local Slurm cluster (scripts/slurm_local.sh: two emulated nodes).
+
+- train_multinode.sbatch: 2 nodes × 1 task, CPU DDP. Preempted with `scancel --signal=USR1` once training runs; the
+  job must checkpoint, requeue itself, restore from that checkpoint and finish, with every rank taking exactly the
+  samples an uninterrupted stream gives.
+- cache_latents.sbatch: 2 tasks split the shards; USR1 requeues the job, which keeps the shards already complete."""
 
 import json
 import os
@@ -8,6 +11,7 @@ import re
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from itertools import islice
 from pathlib import Path
@@ -73,9 +77,7 @@ def _expected_keys(setup, run_dir: Path, rank: int, monkeypatch) -> list[list[st
     return [batch["key"] for batch in islice(loader, MAX_STEPS)]
 
 
-def test_preempted_slurm_job_requeues_and_resumes_exactly(cluster, setup, tmp_path, monkeypatch):  # noqa: F811
-    run_dir = tmp_path / "run"
-    out = tmp_path / "slurm-%j.out"
+def _job_env() -> dict:
     env = {
         **os.environ,
         "LDM_ROOT": str(ROOT),
@@ -88,6 +90,13 @@ def test_preempted_slurm_job_requeues_and_resumes_exactly(cluster, setup, tmp_pa
         socket.gethostbyname("node1")
     except OSError:  # /etc/hosts could not be written (scripts/slurm_local.sh said so)
         env["MASTER_ADDR"] = "127.0.0.1"
+    return env
+
+
+def test_preempted_slurm_job_requeues_and_resumes_exactly(cluster, setup, tmp_path, monkeypatch):  # noqa: F811
+    run_dir = tmp_path / "run"
+    out = tmp_path / "slurm-%j.out"
+    env = _job_env()
     submit = subprocess.run(
         [
             "sbatch",
@@ -141,3 +150,72 @@ def test_preempted_slurm_job_requeues_and_resumes_exactly(cluster, setup, tmp_pa
         assert restarts[0] == 0 and restarts[-1] == 1 and restarts == sorted(restarts)
         assert [line["keys"] for line in lines] == _expected_keys(setup, run_dir, rank, monkeypatch)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_slurm_cache_job_splits_the_shards_and_requeues_keeping_complete_ones(cluster, setup, tmp_path):  # noqa: F811
+    from ldm.data.latents import decode_latents_member
+    from ldm.inference import load_autoencoder
+    from ldm.latent_cache import cache_info, cache_latents
+
+    shards, vae = setup
+    reference, out_dir = tmp_path / "reference", tmp_path / "cache"
+    ae, bundle = load_autoencoder(vae)
+    info = cache_info(vae, bundle, 32, "center", None, shards)
+    cache_latents(ae, shards, reference, 32, batch_size=8, num_workers=0, info=info, progress=False)
+    # a caching job that was stopped after its first shard: that shard is complete, the next one half written
+    names = sorted(p.name for p in reference.glob("*.tar"))
+    out_dir.mkdir()
+    (out_dir / names[0]).write_bytes((reference / names[0]).read_bytes())
+    (out_dir / f".{names[1]}.tmp").write_bytes(b"partial")
+    (out_dir / "cache_info.json").write_bytes((reference / "cache_info.json").read_bytes())
+    kept = (out_dir / names[0]).stat().st_mtime_ns
+
+    log = tmp_path / "slurm-%j.out"
+    overrides = [
+        f"autoencoder_ckpt={vae}",
+        f"urls={shards}",
+        f"out_dir={out_dir}",
+        "batch_size=8",
+        "num_workers=0",
+    ]
+    submit = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", f"--output={log}"]
+        + ["slurm/cache_latents.sbatch", *overrides, "device=cpu"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_job_env(),
+    )
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    output = Path(str(log).replace("%j", job))
+    done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    deadline = time.monotonic() + 600  # a guard against a hung job, not a speed requirement
+    signalled = False
+    while time.monotonic() < deadline and _job_state(job) not in done:
+        text = output.read_text() if output.is_file() else ""
+        if not signalled and "restart 0:" in text:  # the batch shell's trap is set; the tasks are starting
+            subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+            signalled = True
+        time.sleep(0.2)
+    if _job_state(job) not in done:
+        subprocess.run(["scancel", job])
+    text = output.read_text() if output.is_file() else ""
+    print(text[-6000:])
+    assert signalled and _job_state(job) == "COMPLETED", text[-4000:]
+    assert "USR1, requeueing" in text and "restart 1:" in text
+    assert re.search(r"rank 0/2: .*shards written", text) and re.search(r"rank 1/2: .*shards written", text)
+
+    assert sorted(p.name for p in out_dir.glob("*.tar")) == names and not list(out_dir.glob(".*.tmp"))
+    assert (out_dir / names[0]).stat().st_mtime_ns == kept  # complete before: not encoded again
+    for name in names:
+        with tarfile.open(out_dir / name) as got, tarfile.open(reference / name) as want:
+            a = {m.name: got.extractfile(m).read() for m in got.getmembers()}
+            b = {m.name: want.extractfile(m).read() for m in want.getmembers()}
+        assert a.keys() == b.keys()
+        for member in a:
+            if member.endswith(".latents.safetensors"):
+                x, y = decode_latents_member(a[member]), decode_latents_member(b[member])
+                torch.testing.assert_close(x["latent_mean"], y["latent_mean"], atol=2e-3, rtol=2e-3)
+            else:
+                assert a[member] == b[member], member  # captions and metadata travel unchanged
