@@ -225,14 +225,17 @@ class _ShardBatches(torch.utils.data.IterableDataset):
 
     Yields {"url", "image" (B, 3, h, w), "key", "txt", "json", ["original_size", "crop_coords", "target_size"],
     "last", "skipped"}. With buckets, a shard's images wait in a queue per size and a queue is encoded when full;
-    what is left is flushed at the shard's end. The final batch of a shard, empty, has "last" set and carries the
-    shard's skip counts. A sample's crop depends on its key only (`random.Random("cache/<key>")`), so a cache
-    written again, or by another number of processes, holds the same crops.
+    what is left is flushed at the shard's end. The queues hold at most `max_queued` images in all (2 batches;
+    beyond, the fullest is encoded at once): many buckets of large images (1024 px: 12.6 MB each in float32, ~30
+    buckets) would otherwise hold gigabytes per worker. The final batch of a shard, empty, has "last" set and
+    carries the shard's skip counts. A sample's crop depends on its key only (`random.Random("cache/<key>")`), so
+    a cache written again, or by another number of processes, holds the same crops.
     """
 
     def __init__(self, urls: Sequence[str], decode: Callable[[dict, random.Random], dict], batch_size: int):
         super().__init__()
         self.urls, self.decode, self.batch_size = list(urls), decode, batch_size
+        self.max_queued = 2 * batch_size
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -248,6 +251,8 @@ class _ShardBatches(torch.utils.data.IterableDataset):
                 queues.setdefault(size, []).append(sample)
                 if len(queues[size]) == self.batch_size:
                     yield self._collate(url, queues.pop(size))
+                elif sum(map(len, queues.values())) > self.max_queued:  # many buckets: encode the fullest now
+                    yield self._collate(url, queues.pop(max(queues, key=lambda k: len(queues[k]))))
             for queue in queues.values():
                 yield self._collate(url, queue)
             yield self._collate(url, [], skipped=counter.total)

@@ -349,6 +349,42 @@ def test_bucketed_cache_holds_each_image_at_its_bucket_with_micro_conditioning(
     assert shapes == {(h // 2, w // 2) for h, w in buckets}  # batches of one bucket each, all three met
 
 
+def test_cache_writer_holds_a_bounded_number_of_images_whatever_the_buckets(mixed_shards):
+    """Images wait in per-bucket queues until one fills; with many buckets most never do, and a whole shard would
+    wait in memory (30 buckets of 1024-px images: gigabytes per worker). The writer encodes its fullest queue as
+    soon as more than `max_queued` images wait."""
+    from ldm.data.buckets import BucketDecoder, BucketTransform
+    from ldm.data.webdataset import ImageDecoder
+    from ldm.latent_cache import _ShardBatches
+
+    shards, sizes, _ = mixed_shards
+    transform = BucketTransform.from_spec(
+        {"step": 4, "max_ratio": 3.0}, 32, crop="center"
+    )  # 4 of 9 buckets met
+
+    def most_waiting(max_queued: int) -> int:
+        decoder, decoded = BucketDecoder(ImageDecoder(transform)), []
+
+        def decode(raw, rng):
+            decoded.append(raw["__key__"])
+            return decoder(raw, rng)
+
+        writer = _ShardBatches(sorted(str(p) for p in shards.glob("*.tar")), decode, batch_size=4)
+        writer.max_queued = max_queued
+        keys, most, shard_ends = [], 0, 0
+        for batch in writer:
+            most = max(most, len(decoded) - len(keys))  # the batch included: held until now
+            keys += batch["key"]
+            shard_ends += batch["last"]
+            assert len(batch["key"]) <= 4 and len({tuple(x.shape) for x in batch["image"]}) <= 1
+        assert sorted(keys) == sorted(sizes) and shard_ends == 3  # every image once, whatever the bound
+        return most
+
+    assert _ShardBatches([], None, batch_size=4).max_queued == 8  # the default: two batches
+    unbounded = most_waiting(10**9)
+    assert most_waiting(4) == 5 < unbounded  # the 5th image tips the fullest queue out
+
+
 def test_random_crops_of_a_cache_are_fixed_by_the_key(mixed_shards, ae_ckpt, tmp_path):
     shards = mixed_shards[0]
     _cache(ae_ckpt, shards, tmp_path / "one", crop="random", buckets=BUCKETS)
