@@ -26,6 +26,7 @@ from torch import Tensor
 
 from eval.distributed import DistContext, IndexedFeatures, barrier
 from eval.features import InceptionFeatures
+from ldm.data.latents import read_cache_info
 from ldm.data.transforms import ImageTransform, SampleError, decode_image
 from ldm.data.webdataset import IMAGE_KEYS, SkipCounter, TarSamples, expand_urls
 
@@ -172,6 +173,20 @@ def _add(gathered: IndexedFeatures, extractor: InceptionFeatures, batch: list[tu
     gathered.update(index, extractor(torch.stack([x for _, x in batch])))
 
 
+def image_shards_of(urls: str | Sequence[str]) -> str | Sequence[str]:
+    """`urls`, or, for cached-latent shards (which hold no images; `data=latents` runs point `reference` at them by
+    default), the image shards their `cache_info.json` says they were made from."""
+    info = read_cache_info(urls)
+    if info is None or not info.get("source_urls"):
+        return urls
+    log.info(
+        "%s holds cached latents: the reference images are those it was made from, %s",
+        urls,
+        info["source_urls"],
+    )
+    return info["source_urls"]
+
+
 def reference_stats(
     source: str | Sequence[str],
     resolution: int,
@@ -182,11 +197,12 @@ def reference_stats(
     ctx: DistContext | None = None,
 ) -> ReferenceStats:
     """Statistics from a `.npz` file, or from shards through the cache (computed on a miss by all processes,
-    written by rank 0). Every process must call it."""
+    written by rank 0). Every process must call it. Cached-latent shards stand for the image shards they were made
+    from (`image_shards_of`)."""
     ctx = ctx or DistContext()
     if isinstance(source, str | os.PathLike) and str(source).endswith(".npz"):
         return load_reference(source)
-    shard_urls = expand_urls(source)
+    shard_urls = expand_urls(image_shards_of(source))
     key = reference_key(shard_urls, resolution, num_images, extractor.identity())
     path = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / f"fid_reference_{key}.npz"
     if path.is_file():

@@ -264,6 +264,32 @@ def test_reference_stats_are_cached_and_keyed(shards, weights, tmp_path, monkeyp
     np.testing.assert_array_equal(load_reference(tmp_path / "copy.npz").sigma, stats.sigma)
 
 
+def test_reference_of_cached_latents_is_the_images_they_were_made_from(shards, weights, tmp_path):
+    """`data=latents` runs point the eval reference at held-out cached latents by default (`data.val_urls`); they
+    hold no images, so the statistics come from the image shards named in their cache_info.json."""
+    from ldm.latent_cache import cache_info, cache_latents
+    from ldm.models import KLAutoencoder
+
+    arch = {
+        "base_channels": 16,
+        "channel_mult": [1, 2],
+        "num_res_blocks": 1,
+        "latent_channels": 4,
+        "num_groups": 8,
+    }
+    torch.manual_seed(0)
+    autoencoder = KLAutoencoder(**arch)
+    info = cache_info("random-vae.ckpt", {"config": {"autoencoder": arch}}, 32, "center", None, shards[1])
+    cache = tmp_path / "val-latents"
+    cache_latents(autoencoder, shards[1], cache, 32, num_workers=0, info=info, progress=False)
+
+    extractor = InceptionFeatures(weights["inception"])
+    from_cache = reference_stats(str(cache), 32, 8, extractor, cache_dir=tmp_path / "a")
+    from_images = reference_stats(shards[1], 32, 8, extractor, cache_dir=tmp_path / "b")
+    assert from_cache.num_images == 8 and from_cache.info["urls"] == [shards[1]]
+    np.testing.assert_array_equal(from_cache.features, from_images.features)
+
+
 def test_reference_images_real_photos_in_order_and_split(tmp_path):
     """Real photos (skimage ships them) of several sizes and aspect ratios: centre-cropped to the resolution, in
     shard order, and two processes together decode exactly the images one process does."""
