@@ -139,7 +139,7 @@ def test_preempted_slurm_job_requeues_and_resumes_exactly(cluster, setup, tmp_pa
     assert _job_state(job) == "COMPLETED", text[-4000:]
 
     # requeued once, restored from the hpc checkpoint, ran to the end
-    assert "preemption signal: saved" in text and f"requeued Slurm job {job}" in text
+    assert "preemption signal: saved" in text and f"requeueing Slurm job {job}" in text
     assert "restart 1:" in text
     assert torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=True, map_location="cpu")["global_step"] == 4
     assert re.search(r"Restoring states from the checkpoint path at \S+hpc_ckpt_1\.ckpt", text)

@@ -284,10 +284,10 @@ def _requeue() -> None:
         job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     if not job:
         return  # not under Slurm: rerun the same command (same run dir) to resume
+    # said before, not after: a successful requeue ends this job's processes at once, often before scontrol returns
+    log.warning("requeueing Slurm job %s (scontrol requeue)", job)
     result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    if result.returncode == 0:
-        log.warning("requeued Slurm job %s", job)
-    else:
+    if result.returncode != 0:
         log.error("scontrol requeue %s failed (%d): %s", job, result.returncode, result.stderr.strip())
 
 
