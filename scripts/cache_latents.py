@@ -3,6 +3,8 @@
 python scripts/cache_latents.py autoencoder_ckpt=runs/vae/.../last.ckpt urls=/data/laion out_dir=/data/laion-latents
 """
 
+import time
+
 import hydra
 import torch
 from hydra.utils import instantiate
@@ -26,6 +28,7 @@ def main(cfg: DictConfig) -> None:
     autoencoder, bundle = load_autoencoder(cfg.autoencoder_ckpt, device)
     resolution = cfg.resolution or bundle["config"]["data"]["resolution"]
     text_encoder = instantiate(cfg.text_encoder).to(device) if cfg.get("text_encoder") else None
+    start = time.perf_counter()
     report = cache_latents(
         autoencoder,
         cfg.urls,
@@ -42,10 +45,11 @@ def main(cfg: DictConfig) -> None:
         crop=cfg.crop,
         buckets=cfg.buckets,
     )
+    seconds = time.perf_counter() - start
     print(
-        f"rank {rank}/{world_size}: {report.shards_written} shards written ({report.samples} samples), "
-        f"{report.shards_skipped} already complete, skipped samples {report.skipped_samples or 'none'}; "
-        f"cache in {cfg.out_dir}"
+        f"rank {rank}/{world_size}: {report.shards_written} shards written ({report.samples} samples in "
+        f"{seconds:.0f} s, {report.samples / max(seconds, 1e-9):.1f} img/s), {report.shards_skipped} already "
+        f"complete, skipped samples {report.skipped_samples or 'none'}; cache in {cfg.out_dir}"
     )
 
 
