@@ -538,3 +538,45 @@ def test_cache_cli_applies_crop_and_buckets(mixed_shards, ae_ckpt, tmp_path):
     assert {k: v["crop_coords"].tolist() for k, v in cli.items()} == {
         k: v["crop_coords"].tolist() for k, v in api.items()
     }
+
+
+def test_training_and_held_out_caches_must_come_from_the_run_s_encoders(shards, ae_ckpt, tmp_path):
+    """A held-out cache (data.val_urls) made by another autoencoder or text encoder would give a val/loss that means
+    nothing; like the training cache, it is refused before training, naming the folder."""
+    from ldm.training.run import _adopt_autoencoder_config, _check_cached_text_encoder
+
+    ours, other = tmp_path / "ours", tmp_path / "other"
+    _cache(ae_ckpt, shards, ours)
+    torch.manual_seed(1)
+    arch = {**{k: v for k, v in TINY_AE.items() if k != "_target_"}, "base_channels": 8}
+    other_ckpt = tmp_path / "other-vae.ckpt"
+    atomic_save(
+        stage1_checkpoint(arch, KLAutoencoder(**arch).state_dict(), latent_scale=None, resolution=32),
+        other_ckpt,
+    )
+    _cache(other_ckpt, shards, other)
+
+    def adopt(train, val):
+        cfg = compose_train(
+            "experiment=tiny", "data=latents", f"data.train_urls={train}", f"data.val_urls={val}"
+        )
+        _adopt_autoencoder_config(cfg)
+        return cfg
+
+    assert adopt(ours, ours).autoencoder_ckpt == str(ae_ckpt.resolve())
+    with pytest.raises(ValueError, match=f"latents in {other} were made by another autoencoder"):
+        adopt(ours, other)
+
+    weights = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(open_clip.create_model("ldm-tiny-text", pretrained=None).state_dict(), weights)
+    texts = tmp_path / "with-text"
+    _cache(
+        ae_ckpt,
+        shards,
+        texts,
+        text_encoder=FrozenOpenCLIPTextEncoder("ldm-tiny-text", pretrained=str(weights)),
+    )
+    cfg = adopt(ours, texts)  # same autoencoder: fine so far
+    with pytest.raises(ValueError, match=f"text encodings cached in {texts} were made by text encoder"):
+        _check_cached_text_encoder(cfg, FrozenOpenCLIPTextEncoder("ldm-tiny-text", pretrained=None))
+    _check_cached_text_encoder(cfg, FrozenOpenCLIPTextEncoder("ldm-tiny-text", pretrained=str(weights)))

@@ -383,11 +383,12 @@ def _adopt_autoencoder_config(cfg: DictConfig) -> None:
         raise ValueError(
             f"autoencoder_ckpt={cfg.autoencoder_ckpt} is a '{bundle.get('stage')}' checkpoint, not stage 1"
         )
-    if cache is not None and cache.get("autoencoder") not in (None, bundle["config"]["autoencoder"]):
-        raise ValueError(
-            f"the cached latents in {cfg.data.train_urls} were made by another autoencoder than "
-            f"autoencoder_ckpt={cfg.autoencoder_ckpt} (architectures differ)"
-        )
+    for urls, info in _caches(cfg):  # the held-out cache too: its val/loss would mean nothing otherwise
+        if info.get("autoencoder") not in (None, bundle["config"]["autoencoder"]):
+            raise ValueError(
+                f"the cached latents in {urls} were made by another autoencoder than "
+                f"autoencoder_ckpt={cfg.autoencoder_ckpt} (architectures differ)"
+            )
     with open_dict(cfg):
         cfg.autoencoder = OmegaConf.create(bundle["config"]["autoencoder"])
     if cfg.data.get("resolution") is None:
@@ -405,11 +406,19 @@ def _cache_info(cfg: DictConfig) -> dict | None:
     return read_cache_info(cfg.data.train_urls)
 
 
+def _caches(cfg: DictConfig) -> list[tuple[str, dict]]:
+    """(urls, cache_info) of the cached-latent training and held-out data that have a cache_info.json."""
+    found = [(cfg.data.train_urls, _cache_info(cfg))]
+    if found[0][1] is not None and cfg.data.get("val_urls"):
+        found.append((cfg.data.val_urls, read_cache_info(cfg.data.val_urls)))
+    return [(urls, info) for urls, info in found if info is not None]
+
+
 def _check_cached_text_encoder(cfg: DictConfig, text_encoder) -> None:
-    cache = _cache_info(cfg)
-    cached = (cache or {}).get("text_encoder")
-    if cached is not None and cached != text_encoder.identity():
-        raise ValueError(
-            f"the cached text encodings were made by text encoder {cached}, but this run's text encoder is "
-            f"{text_encoder.identity()}; set text_encoder= to match, or cache again"
-        )
+    for urls, cache in _caches(cfg):
+        cached = cache.get("text_encoder")
+        if cached is not None and cached != text_encoder.identity():
+            raise ValueError(
+                f"the text encodings cached in {urls} were made by text encoder {cached}, but this run's text "
+                f"encoder is {text_encoder.identity()}; set text_encoder= to match, or cache again"
+            )
