@@ -564,6 +564,13 @@ def test_training_and_held_out_caches_must_come_from_the_run_s_encoders(shards, 
         return cfg
 
     assert adopt(ours, ours).autoencoder_ckpt == str(ae_ckpt.resolve())
+    other_size = compose_train(
+        "experiment=tiny", "data=latents", f"data.train_urls={ours}", "data.resolution=64"
+    )
+    with pytest.raises(
+        ValueError, match=f"data.resolution=64, but the latents in {ours} were cached at 32 px"
+    ):
+        _adopt_autoencoder_config(other_size)  # e.g. experiment=laion_512 on a 256-px cache
     with pytest.raises(ValueError, match=f"latents in {other} were made by another autoencoder"):
         adopt(ours, other)
 

@@ -389,6 +389,13 @@ def _adopt_autoencoder_config(cfg: DictConfig) -> None:
                 f"the cached latents in {urls} were made by another autoencoder than "
                 f"autoencoder_ckpt={cfg.autoencoder_ckpt} (architectures differ)"
             )
+        if info.get("resolution") not in (None, cfg.data.resolution):
+            # e.g. experiment=laion_512 (data.resolution: 512) on latents cached at 256 px
+            raise ValueError(
+                f"data.resolution={cfg.data.resolution}, but the latents in {urls} were cached at "
+                f"{info['resolution']} px: cache the images at {cfg.data.resolution} px "
+                f"(scripts/cache_latents.py resolution={cfg.data.resolution}) or set data.resolution={info['resolution']}"
+            )
     with open_dict(cfg):
         cfg.autoencoder = OmegaConf.create(bundle["config"]["autoencoder"])
     if cfg.data.get("resolution") is None:
