@@ -393,8 +393,8 @@ def _adopt_autoencoder_config(cfg: DictConfig) -> None:
             # e.g. experiment=laion_512 (data.resolution: 512) on latents cached at 256 px
             raise ValueError(
                 f"data.resolution={cfg.data.resolution}, but the latents in {urls} were cached at "
-                f"{info['resolution']} px: cache the images at {cfg.data.resolution} px "
-                f"(scripts/cache_latents.py resolution={cfg.data.resolution}) or set data.resolution={info['resolution']}"
+                f"{info['resolution']} px: cache the images at {cfg.data.resolution} px (scripts/cache_latents.py "
+                f"resolution={cfg.data.resolution}) or set data.resolution={info['resolution']}"
             )
     with open_dict(cfg):
         cfg.autoencoder = OmegaConf.create(bundle["config"]["autoencoder"])
