@@ -15,7 +15,7 @@ import os
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -292,6 +292,15 @@ class CacheReport:
     shards_skipped: int  # already complete from an earlier run
     samples: int
     skipped_samples: dict[str, int]
+    sizes: dict[tuple[int, int], int] = field(
+        default_factory=dict
+    )  # images written per size (h, w): the buckets
+
+    def size_shares(self) -> str:
+        """ "256x256 60.0 %, 320x192 25.0 %, ...": the share of each size, most common first."""
+        total = sum(self.sizes.values()) or 1
+        ranked = sorted(self.sizes.items(), key=lambda item: -item[1])
+        return ", ".join(f"{h}x{w} {100 * n / total:.1f} %" for (h, w), n in ranked)
 
 
 @torch.no_grad()
@@ -355,6 +364,8 @@ def cache_latents(
         if batch["key"]:
             _write_batch(writer, batch, autoencoder, text_encoder, device)
             report.samples += len(batch["key"])
+            size = tuple(batch["image"].shape[-2:])
+            report.sizes[size] = report.sizes.get(size, 0) + len(batch["key"])
         if batch["last"]:
             writer.close()
             os.replace(tmp, out_dir / shard_name(url))

@@ -51,6 +51,8 @@ def main(cfg: DictConfig) -> None:
         f"{seconds:.0f} s, {report.samples / max(seconds, 1e-9):.1f} img/s), {report.shards_skipped} already "
         f"complete, skipped samples {report.skipped_samples or 'none'}; cache in {cfg.out_dir}"
     )
+    if cfg.buckets is not None and report.sizes:
+        print(f"rank {rank}/{world_size}: images per bucket (h x w): {report.size_shares()}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import io
 import json
 import re
 import tarfile
+from collections import Counter
 
 import lightning as L
 import open_clip
@@ -320,6 +321,7 @@ def test_bucketed_cache_holds_each_image_at_its_bucket_with_micro_conditioning(
     report = _cache(ae_ckpt, shards, out, buckets=BUCKETS, batch_size=4)
     assert report.samples == 30 and report.shards_written == 3
     buckets = make_buckets(32, 8, 2.0)
+    assert report.sizes == Counter(nearest_bucket(*size, buckets) for size in sizes.values())
     info = json.loads((out / CACHE_INFO).read_text())
     assert info["buckets"] == {**BUCKETS, "base": None, "sizes": [list(hw) for hw in buckets]}
 
@@ -533,6 +535,12 @@ def test_cache_cli_applies_crop_and_buckets(mixed_shards, ae_ckpt, tmp_path):
     assert re.search(r"3 shards written \(30 samples in \d+ s, [\d.]+ img/s\)", proc.stdout), proc.stdout
     info = json.loads((tmp_path / "cli" / CACHE_INFO).read_text())
     assert info["crop"] == "random" and info["buckets"]["step"] == 8
+    shares = re.search(r"images per bucket \(h x w\): (.*)", proc.stdout).group(1)
+    counts = Counter(nearest_bucket(*size, make_buckets(32, 8, 2.0)) for size in mixed_shards[1].values())
+    printed = {
+        tuple(map(int, hw.split("x"))): float(pct) for hw, pct in re.findall(r"(\d+x\d+) ([\d.]+) %", shares)
+    }
+    assert printed == {hw: round(100 * n / 30, 1) for hw, n in counts.items()}
     _cache(ae_ckpt, shards, tmp_path / "api", crop="random", buckets=BUCKETS)
     cli, api = _members(tmp_path / "cli"), _members(tmp_path / "api")
     assert {k: v["crop_coords"].tolist() for k, v in cli.items()} == {
