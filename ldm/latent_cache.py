@@ -174,10 +174,9 @@ def cache_info(
     crop: str,
     text_encoder: FrozenOpenCLIPTextEncoder | None,
     urls: str | Sequence[str],
-    buckets: BucketSpec | Mapping | None = None,
 ) -> dict:
-    """What a cache was made from; training compares the autoencoder and text encoder with its own, and checks
-    that the bucket sizes (`buckets`: null for square crops of `resolution`) suit its UNet."""
+    """What a cache was made from; training compares the autoencoder and text encoder with its own. The image
+    settings (resolution, crop, buckets) are entered by `cache_latents` as it applies them."""
     text = None
     if text_encoder is not None:
         text = text_encoder.identity()
@@ -192,7 +191,7 @@ def cache_info(
         "autoencoder": bundle["config"]["autoencoder"],
         "resolution": int(resolution),
         "crop": crop,
-        "buckets": _buckets_info(buckets, resolution),
+        "buckets": None,
         "text_encoder": text,
         "source_urls": urls if isinstance(urls, str) else list(urls),
     }
@@ -255,7 +254,7 @@ class _ShardBatches(torch.utils.data.IterableDataset):
                     yield self._collate(url, queues.pop(max(queues, key=lambda k: len(queues[k]))))
             for queue in queues.values():
                 yield self._collate(url, queue)
-            yield self._collate(url, [], skipped=counter.total)
+            yield self._collate(url, [], last=True, skipped=counter.total)
 
     def _decode(self, raw: dict, counter: SkipCounter) -> dict | None:
         where = f"{raw.get('__url__')}:{raw.get('__key__')}"
@@ -270,14 +269,14 @@ class _ShardBatches(torch.utils.data.IterableDataset):
         return {**sample, "txt": raw.get("txt"), "json": raw.get("json")}
 
     @staticmethod
-    def _collate(url: str, batch: list[dict], skipped: dict | None = None) -> dict:
+    def _collate(url: str, batch: list[dict], last: bool = False, skipped: dict | None = None) -> dict:
         out = {
             "url": url,
             "image": torch.stack([s["image"] for s in batch]) if batch else torch.empty(0),
             "key": [s["key"] for s in batch],
             "txt": [s["txt"] for s in batch],
             "json": [s["json"] for s in batch],
-            "last": skipped is not None,
+            "last": last,
             "skipped": dict(skipped or {}),
         }
         for name in MICRO_KEYS:
@@ -326,16 +325,18 @@ def cache_latents(
     temporary file and renamed when complete, so shards already in `out_dir` are complete and are skipped:
     rerunning after a crash or preemption resumes.
 
-    `info` (what made the cache) goes to `out_dir/cache_info.json`; rank 0 writes it, and a cache made with
+    `info` (what made the cache, `cache_info`) goes to `out_dir/cache_info.json` with the image settings applied
+    here (resolution, crop, buckets: the bucket spec and sizes, or null); rank 0 writes it, and a cache made with
     different settings is refused rather than mixed.
     """
     out_dir = Path(out_dir)
     transform = _cache_transform(autoencoder, resolution, crop, buckets)
+    applied = {"resolution": int(resolution), "crop": crop, "buckets": _buckets_info(buckets, resolution)}
     all_urls = expand_urls(urls)
     names = [shard_name(u) for u in all_urls]
     if len(set(names)) != len(names):
         raise ValueError("input shards must have distinct file names (they name the cached shards)")
-    _check_or_write_info(out_dir, info or {}, write=rank == 0)
+    _check_or_write_info(out_dir, {**(info or {}), **applied}, write=rank == 0)
     mine = all_urls[rank::world_size]
     todo = [u for u in mine if not (out_dir / shard_name(u)).is_file()]
     report = CacheReport(

@@ -39,9 +39,7 @@ def main(cfg: DictConfig) -> None:
         rank=rank,
         world_size=world_size,
         num_workers=cfg.num_workers,
-        info=cache_info(
-            cfg.autoencoder_ckpt, bundle, resolution, cfg.crop, text_encoder, cfg.urls, buckets=cfg.buckets
-        ),
+        info=cache_info(cfg.autoencoder_ckpt, bundle, resolution, cfg.crop, text_encoder, cfg.urls),
         crop=cfg.crop,
         buckets=cfg.buckets,
     )
