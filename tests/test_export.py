@@ -86,7 +86,7 @@ def test_diffusers_folder_runs_in_stable_diffusion_pipeline(sd_run, tmp_path):
     assert not summary["notes"]
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
     assert isinstance(pipe.scheduler, DDIMScheduler)
-    assert pipe.vae.config.scaling_factor == pytest.approx(0.8)
+    assert pipe.vae.config.scaling_factor == pytest.approx(load_bundle(sd_run)[0]["latent_scale"])
     assert pipe.scheduler.config.prediction_type == "v_prediction"
 
     ours, _ = TextToImage.from_checkpoint(sd_run, use_ema=False)
@@ -184,7 +184,7 @@ def test_sd_single_file_reads_back_through_diffusers_converters(sd_run, tmp_path
         )
     with pytest.warns(FutureWarning):
         vae_config = create_vae_diffusers_config_from_ldm(original_config, checkpoint, image_size=32)
-    assert vae_config["scaling_factor"] == pytest.approx(0.8)
+    assert vae_config["scaling_factor"] == pytest.approx(load_bundle(sd_run)[0]["latent_scale"])
     vae = AutoencoderKL(**vae_config).eval()
     vae.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, vae_config), strict=True)
     with torch.no_grad():
