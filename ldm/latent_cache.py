@@ -291,12 +291,11 @@ class CacheReport:
     shards_skipped: int  # already complete from an earlier run
     samples: int
     skipped_samples: dict[str, int]
-    sizes: dict[tuple[int, int], int] = field(
-        default_factory=dict
-    )  # images written per size (h, w): the buckets
+    # images written per size (h, w): with buckets, how the data spreads over them
+    sizes: dict[tuple[int, int], int] = field(default_factory=dict)
 
     def size_shares(self) -> str:
-        """ "256x256 60.0 %, 320x192 25.0 %, ...": the share of each size, most common first."""
+        """The share of the images of each size, most common first: '256x256 60.0 %, 320x192 25.0 %, ...'."""
         total = sum(self.sizes.values()) or 1
         ranked = sorted(self.sizes.items(), key=lambda item: -item[1])
         return ", ".join(f"{h}x{w} {100 * n / total:.1f} %" for (h, w), n in ranked)
