@@ -2,7 +2,8 @@
 
 - ``diffusers``: a `StableDiffusionPipeline` folder: `unet/` (`UNet2DConditionModel`), `vae/` (`AutoencoderKL`, with
   our latent scale and shift as `scaling_factor` / `shift_factor`), `scheduler/` (`DDIMScheduler` with the exact
-  training betas, the prediction type and the configured sampler's timestep spacing), `text_encoder/` + `tokenizer/`
+  training betas, the prediction type and the configured sampler's timestep spacing; a rectified-flow model gets
+  `FlowMatchEulerDiscreteScheduler`, which the pipeline cannot drive: the export notes say so), `text_encoder/` + `tokenizer/`
   (the OpenCLIP text tower as a `transformers` CLIPTextModel, as Stability converted SD2's: with `layer:
   penultimate` the last block is dropped, so its final-LayerNorm output is SD2's conditioning; the same BPE
   vocabulary, padded with "!" = id 0 as open_clip pads), `model_index.json`. `StableDiffusionPipeline.
@@ -36,7 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ldm.conditioning.convert_openclip import hf_clip_text, write_clip_tokenizer
-from ldm.diffusion import GaussianDiffusion
+from ldm.diffusion import GaussianDiffusion, RectifiedFlow
 from ldm.inference import is_inpainting_unet
 from ldm.models.convert_unet import (
     COMPVIS_UNET_PREFIX,
@@ -194,7 +195,18 @@ def _vae_config(parts: ExportedParts) -> dict:
 
 def scheduler_config(parts: ExportedParts) -> dict:
     """diffusers `DDIMScheduler` config: the exact training betas (any schedule, rescaling or shift), prediction
-    type, and the spacing of our DDIM sampler (alpha_bar after the last step = 1, as ours)."""
+    type, and the spacing of our DDIM sampler (alpha_bar after the last step = 1, as ours).
+
+    A rectified-flow model gets `FlowMatchEulerDiscreteScheduler` with its shift: its training noise levels and
+    time inputs are ours (``ldm.diffusion.flow``)."""
+    if isinstance(parts.diffusion, RectifiedFlow):
+        return {
+            "_class_name": "FlowMatchEulerDiscreteScheduler",
+            "_diffusers_version": DIFFUSERS_VERSION,
+            "num_train_timesteps": parts.diffusion.num_timesteps,
+            "shift": parts.diffusion.schedule_shift,
+            "use_dynamic_shifting": False,
+        }
     sampler = parts.cfg.get("sampler") or {}
     return {
         "_class_name": "DDIMScheduler",
@@ -230,7 +242,8 @@ def _write_diffusers(parts: ExportedParts, root: Path, dtype: torch.dtype) -> di
             {"_class_name": cls, "_diffusers_version": DIFFUSERS_VERSION, **config},
         )
         save_file(_cast(state, dtype), root / name / "diffusion_pytorch_model.safetensors")
-    _write_json(root / "scheduler" / "scheduler_config.json", scheduler_config(parts))
+    scheduler = scheduler_config(parts)
+    _write_json(root / "scheduler" / "scheduler_config.json", scheduler)
     text_config, text_state = hf_clip_text(parts.text_identity, parts.text_state())
     _write_json(root / "text_encoder" / "config.json", text_config)
     save_file(_cast(text_state, dtype), root / "text_encoder" / "model.safetensors")
@@ -240,7 +253,7 @@ def _write_diffusers(parts: ExportedParts, root: Path, dtype: torch.dtype) -> di
         "_diffusers_version": DIFFUSERS_VERSION,
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
+        "scheduler": ["diffusers", scheduler["_class_name"]],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "safety_checker": [None, None],
@@ -251,6 +264,12 @@ def _write_diffusers(parts: ExportedParts, root: Path, dtype: torch.dtype) -> di
     _write_json(root / "model_index.json", model_index)
     _write_json(root / "ldm_export.json", parts.source)
     notes = []
+    if isinstance(parts.diffusion, RectifiedFlow):
+        notes.append(
+            "rectified flow: the scheduler is FlowMatchEulerDiscreteScheduler, which StableDiffusionPipeline cannot "
+            "drive (it has no init_noise_sigma); loop over scheduler.timesteps yourself, calling the UNet with "
+            "timestep=t and taking scheduler.step(v, t, latents)"
+        )
     if parts.unet.pooled_proj is not None:
         notes.append(
             "the UNet adds a projection of the pooled text embedding (class_embed_type='simple_projection'): "

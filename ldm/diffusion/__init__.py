@@ -1,8 +1,10 @@
-"""Diffusion math: noise schedules, the Gaussian forward process and its parameterizations, samplers, guidance.
+"""Diffusion math: noise schedules, the Gaussian forward process and its parameterizations, rectified flow,
+samplers, guidance.
 
 Pure tensor code (torch, math, einops): the network is a callable and the conditioning is opaque.
 """
 
+from ldm.diffusion.flow import RectifiedFlow, flow_sigmas
 from ldm.diffusion.gaussian import DiffusionLoss, GaussianDiffusion
 from ldm.diffusion.guidance import classifier_free_guidance, drop_conditioning, rescale_guidance
 from ldm.diffusion.init_image import InitImage
@@ -26,8 +28,10 @@ __all__ = [
     "GaussianDiffusion",
     "HeunSampler",
     "InitImage",
+    "RectifiedFlow",
     "classifier_free_guidance",
     "drop_conditioning",
+    "flow_sigmas",
     "karras_sigmas",
     "make_betas",
     "rescale_guidance",

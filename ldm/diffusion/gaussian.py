@@ -83,6 +83,31 @@ class GaussianDiffusion:
                 "zero_terminal_snr with eps prediction: at the last step x_t is pure noise and eps says nothing "
                 "about x0; use prediction=v (Lin et al. 2024, sec. 3.2)"
             )
+        self.schedule = schedule
+        self.prediction = prediction
+        self.zero_terminal_snr = zero_terminal_snr
+        self._training_options(
+            num_timesteps, offset_noise, min_snr_gamma, timestep_sampling, logit_normal_mean, logit_normal_std
+        )
+        betas = make_betas(schedule, num_timesteps, beta_start=beta_start, beta_end=beta_end)
+        if zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        self.schedule_shift = float(schedule_shift)
+        betas = shift_schedule(betas, self.schedule_shift)  # log SNR − 2 log(shift); 1 = unchanged
+        self._set_alphas_cumprod(torch.cumprod(1.0 - betas, dim=0), betas=betas)
+
+    def _training_options(
+        self,
+        num_timesteps: int,
+        offset_noise: float,
+        min_snr_gamma: float | None,
+        timestep_sampling: str,
+        logit_normal_mean: float,
+        logit_normal_std: float,
+    ) -> None:
+        """Check and keep the options every process shares (number of steps, noise, weighting, t sampling)."""
+        if num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
         if offset_noise < 0:
             raise ValueError(f"offset_noise must be >= 0, got {offset_noise}")
         if min_snr_gamma is not None and min_snr_gamma <= 0:
@@ -93,26 +118,26 @@ class GaussianDiffusion:
             )
         if logit_normal_std <= 0:
             raise ValueError(f"logit_normal_std must be > 0, got {logit_normal_std}")
-        self.timestep_sampling = timestep_sampling
-        self.logit_normal = (float(logit_normal_mean), float(logit_normal_std))
-        self.schedule = schedule
         self.num_timesteps = num_timesteps
-        self.prediction = prediction
-        self.zero_terminal_snr = zero_terminal_snr
         self.offset_noise = offset_noise
         self.min_snr_gamma = min_snr_gamma
-        betas = make_betas(schedule, num_timesteps, beta_start=beta_start, beta_end=beta_end)
-        if zero_terminal_snr:
-            betas = rescale_zero_terminal_snr(betas)
-        self.schedule_shift = float(schedule_shift)
-        betas = shift_schedule(betas, self.schedule_shift)  # log SNR − 2 log(shift); 1 = unchanged
-        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        # float64 CPU masters; per-device copies are made once and cached (see _buffers).
+        self.timestep_sampling = timestep_sampling
+        self.logit_normal = (float(logit_normal_mean), float(logit_normal_std))
+
+    def _set_alphas_cumprod(
+        self, alphas_cumprod: Tensor, betas: Tensor | None = None, **extra: Tensor
+    ) -> None:
+        """Keep the schedule (float64 CPU masters; per-device copies are made once and cached, see _buffers).
+        ``betas`` default to 1 - alpha_bar_t / alpha_bar_{t-1}; ``extra``: more per-timestep tables for ``_coef``."""
+        alphas_cumprod = alphas_cumprod.to(torch.float64)
+        if betas is None:
+            betas = 1.0 - alphas_cumprod / torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
         self._master = {
             "betas": betas,
             "alphas_cumprod": alphas_cumprod,
             "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
             "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+            **{k: v.to(torch.float64) for k, v in extra.items()},
         }
         self._cache: dict[torch.device, dict[str, Tensor]] = {}
         self.betas = betas
@@ -204,6 +229,21 @@ class GaussianDiffusion:
         v = model_output
         return a * x_t - s * v, s * x_t + a * v
 
+    def model_input(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """What the network is given for x_t, the state written as above (``q_sample``): x_t itself here. A
+        process whose network sees another scaling of it (``RectifiedFlow``) says so by overriding this."""
+        return x_t
+
+    def model_time(self, t: Tensor) -> Tensor:
+        """The time input the network is given for timesteps t: the integer t itself here."""
+        return t
+
+    def predict(
+        self, model_fn: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, t: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Call the network at (x_t, t), as every sampler does, and return the (x0, eps) it implies."""
+        return self.to_x0_eps(model_fn(self.model_input(x_t, t), self.model_time(t)), x_t, t)
+
     def from_x0_eps(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """The network output in ``self.prediction`` that implies (x0, eps) at t: the inverse of ``to_x0_eps``."""
         if self.prediction == "eps":
@@ -278,7 +318,7 @@ class GaussianDiffusion:
         if noise is None:
             noise = self.training_noise(x0.shape, x0.device, x0.dtype, generator=generator)
         x_t = self.q_sample(x0, t, noise)
-        output = model_fn(x_t, t)
+        output = model_fn(self.model_input(x_t, t), self.model_time(t))
         target = self.target(x0, noise, t)
         dtype = torch.promote_types(torch.promote_types(output.dtype, target.dtype), torch.float32)
         per_sample = (output.to(dtype) - target.to(dtype)).square().reshape(b, -1).mean(dim=1)

@@ -3,7 +3,7 @@
 A VP model is a denoiser of x = x_t / sqrt(alpha_bar_t) = x0 + sigma_t eps, sigma_t = sqrt((1 - alpha_bar_t) /
 alpha_bar_t) (Karras et al. 2022, sec. 2 and appendix C.3.1):
 
-    D(x, sigma_t) = x0 predicted by model_fn(x / sqrt(1 + sigma_t^2), t),
+    D(x, sigma_t) = x0 predicted by model_fn(x / sqrt(1 + sigma_t^2), t)   (through ``diffusion.predict``),
 
 and the probability-flow ODE is dx/dsigma = (x - D(x, sigma)) / sigma (ibid. eq. 3 with sigma(t) = t). The
 samplers below integrate it (or the matching SDE) over a descending list of sigmas that ends at 0, as
@@ -132,7 +132,7 @@ class SigmaSampler:
         def denoise(x: Tensor, i: int) -> Tensor:
             t = torch.full((x.shape[0],), timesteps[i], device=x.device, dtype=torch.long)
             x_in = x / math.sqrt(1.0 + sigmas[i] ** 2)
-            return diffusion.to_x0_eps(model_fn(x_in, t), x_in, t)[0]
+            return diffusion.predict(model_fn, x_in, t)[0]
 
         state: dict = {}
         for i in with_progress(list(range(len(timesteps))), progress):

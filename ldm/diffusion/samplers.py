@@ -5,7 +5,9 @@ uses alpha_bar_prev = 1, so the final sample is the predicted x0 (diffusers' ``s
 
 Every sampler (here and in ``ldm.diffusion.k_samplers``) is called as
 ``sampler(model_fn, diffusion, noise, generator=None, progress=False, init=None)``: ``noise`` is x_T ~ N(0, I),
-``init`` an optional ``InitImage`` (img2img strength, inpainting mask).
+``init`` an optional ``InitImage`` (img2img strength, inpainting mask). They hold the state as the Gaussian
+x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps and call the network through ``diffusion.predict``, which
+gives it what its process feeds it: so ``RectifiedFlow`` (Gaussian up to that input's scale) runs on every sampler.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def _predict(
 ) -> tuple[Tensor, Tensor]:
     """Network output at (x, t) as (x0, eps); with clip_x0, x0 is clamped and eps recomputed to match it."""
     t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-    x0, eps = diffusion.to_x0_eps(model_fn(x, t_batch), x, t_batch)
+    x0, eps = diffusion.predict(model_fn, x, t_batch)
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)
         eps = (x - math.sqrt(ab) * x0) / math.sqrt(1.0 - ab)

@@ -16,6 +16,11 @@ FROM_COMPVIS_SCHEDULE = {theirs: ours for ours, theirs in TO_COMPVIS_SCHEDULE.it
 
 def compvis_schedule(diffusion: Mapping) -> str:
     """CompVis' name for our GaussianDiffusion node's schedule; a ValueError when it has none."""
+    if diffusion.get("prediction") == "flow":
+        raise ValueError(
+            "rectified flow has no CompVis form (its LatentDiffusion samples Gaussian eps / v models only): export "
+            "in diffusers format, whose scheduler is then FlowMatchEulerDiscreteScheduler"
+        )
     if (
         diffusion.get("zero_terminal_snr")
         or float(diffusion.get("schedule_shift", 1.0)) != 1.0
