@@ -595,3 +595,7 @@ def test_training_and_held_out_caches_must_come_from_the_run_s_encoders(shards, 
     with pytest.raises(ValueError, match=f"text encodings cached in {texts} were made by text encoder"):
         _check_cached_text_encoder(cfg, FrozenOpenCLIPTextEncoder("ldm-tiny-text", pretrained=None))
     _check_cached_text_encoder(cfg, FrozenOpenCLIPTextEncoder("ldm-tiny-text", pretrained=str(weights)))
+    # cached text is one caption's encoding: a caption mix (data.captions) cannot use it
+    cfg.data.captions = {"json.recaption": 0.9, "txt": 0.1}
+    with pytest.raises(ValueError, match=f"but {texts} holds the text encoding of one caption per image"):
+        _check_cached_text_encoder(cfg, FrozenOpenCLIPTextEncoder("ldm-tiny-text", pretrained=str(weights)))

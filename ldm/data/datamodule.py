@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from ldm.data.captions import CaptionMix
 from ldm.data.filters import SampleFilter
 from ldm.data.latents import latent_pipeline, read_cache_info
 from ldm.data.stream import ResumableLoader, ShardStream
@@ -29,6 +30,7 @@ class _ShardDataModule(L.LightningDataModule):
         train_urls: str | list[str],
         batch_size: int,
         val_urls: str | list[str] | None = None,
+        captions: Mapping | None = None,
         num_workers: int = 4,
         shuffle_buffer: int = 1000,
         resampled: bool = True,
@@ -41,6 +43,7 @@ class _ShardDataModule(L.LightningDataModule):
         super().__init__()
         self.train_urls = train_urls if isinstance(train_urls, str) else list(train_urls)
         self.val_urls = val_urls if val_urls is None or isinstance(val_urls, str) else list(val_urls)
+        self.captions = CaptionMix.build(captions)  # checked now, not in a loader worker
         self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
         self.resampled, self.seed, self.round_shards = resampled, seed, round_shards
         self.prefetch_factor, self.persistent_workers, self.pin_memory = (
@@ -79,6 +82,8 @@ class ImageTextDataModule(_ShardDataModule):
         reading fails is read again.
     buckets: aspect-ratio buckets for training ({step, max_ratio, base}, `ldm.data.buckets`); None: square
         crops. Validation stays square (centre crops of `resolution`).
+    captions: several caption sources drawn by weight per sample ({json.recaption: 0.95, txt: 0.05},
+        `ldm.data.captions`), for train and val; None: `.txt`, else the json's caption.
     """
 
     provides = "images"
@@ -95,9 +100,10 @@ class ImageTextDataModule(_ShardDataModule):
         shard_retries: int = 3,
         retry_backoff: float = 0.25,
         buckets: Mapping | None = None,
+        captions: Mapping | None = None,
         **loader_settings,
     ):
-        super().__init__(train_urls, batch_size, val_urls, **loader_settings)
+        super().__init__(train_urls, batch_size, val_urls, captions, **loader_settings)
         self.resolution, self.crop, self.hflip_prob = resolution, crop, hflip_prob
         self.filters = SampleFilter.build(filters)
         self.remote = {"shard_retries": shard_retries, "retry_backoff": retry_backoff}
@@ -118,6 +124,7 @@ class ImageTextDataModule(_ShardDataModule):
                 filters=self.filters,
                 **self.remote,
                 buckets=self.buckets,
+                captions=self.captions,
             ),
             resumable=True,
         )
@@ -137,6 +144,7 @@ class ImageTextDataModule(_ShardDataModule):
                 partial_batches=True,
                 filters=self.filters,
                 **self.remote,
+                captions=self.captions,
             )
         )
 
@@ -145,14 +153,20 @@ class CachedLatentDataModule(_ShardDataModule):
     """Batches of cached autoencoder posteriors (and text encodings, when cached) for stage 2.
 
     `resolution` is that of the images the cache was made from; null takes it from the cache's `cache_info.json`.
+    `captions` as for images (the cache keeps every txt and json member of its image shards).
     """
 
     provides = "latents"
 
     def __init__(
-        self, train_urls: str | list[str], batch_size: int, resolution: int | None = None, **loader_settings
+        self,
+        train_urls: str | list[str],
+        batch_size: int,
+        resolution: int | None = None,
+        captions: Mapping | None = None,
+        **loader_settings,
     ):
-        super().__init__(train_urls, batch_size, **loader_settings)
+        super().__init__(train_urls, batch_size, captions=captions, **loader_settings)
         self.resolution = resolution
 
     def cache_info(self) -> dict | None:
@@ -167,6 +181,7 @@ class CachedLatentDataModule(_ShardDataModule):
                 resampled=self.resampled,
                 seed=self.seed,
                 round_shards=self.round_shards,
+                captions=self.captions,
             ),
             resumable=True,
         )
@@ -176,6 +191,12 @@ class CachedLatentDataModule(_ShardDataModule):
             return []
         return self._loader(
             latent_pipeline(
-                self.val_urls, self.batch_size, shuffle_buffer=0, resampled=False, partial_batches=True
+                self.val_urls,
+                self.batch_size,
+                shuffle_buffer=0,
+                resampled=False,
+                partial_batches=True,
+                seed=self.seed,
+                captions=self.captions,
             )
         )

@@ -18,8 +18,10 @@ resolution, crop, text encoder identity), which training checks against its own 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ldm.data.buckets import MICRO_KEYS
+from ldm.data.captions import CaptionMix
 from ldm.data.stream import ShardStream
 from ldm.data.transforms import SampleError, decode_caption
 from ldm.data.webdataset import SkipCounter, expand_urls
@@ -92,11 +95,12 @@ class DecodeLatents:
         self.counter = counter
 
     @staticmethod
-    def decode(sample: dict, rng=None) -> dict:
+    def decode(sample: dict, rng: random.Random | None = None, captions: CaptionMix | None = None) -> dict:
+        """`captions`: draw the caption from these sources with `rng` (the cache keeps every txt/json member)."""
         if LATENTS_MEMBER not in sample:
             raise SampleError("missing_image", f"no .{LATENTS_MEMBER} member")
         out = decode_latents_member(sample[LATENTS_MEMBER])
-        out["caption"] = decode_caption(sample)
+        out["caption"] = decode_caption(sample) if captions is None else captions(sample, rng)
         out["key"] = sample["__key__"]
         return out
 
@@ -122,15 +126,18 @@ def latent_pipeline(
     partial_batches: bool = False,
     round_shards: int = 8,
     log_every: int = 1000,
+    captions: CaptionMix | Mapping | None = None,
 ) -> ShardStream:
     """Batches from cached-latent shards: {"latent_mean": (B, C, h, w), "latent_std", "caption", "key", ...},
     with "text_tokens" / "text_pooled" / "text_mask" when the cache holds the text encoding, and
     "original_size" / "crop_coords" / "target_size" (B, 2) when it was written with buckets (each batch is then
-    one bucket: samples are batched by shape). Same shard
+    one bucket: samples are batched by shape). `captions` draws each caption from several sources, as for
+    images (`ldm.data.captions`). Same shard
     handling (resampling, splitting, shuffling, skip counting, exact resume) as `image_text_pipeline`."""
+    mix = CaptionMix.build(captions)
     return ShardStream(
         urls,
-        DecodeLatents.decode,
+        DecodeLatents.decode if mix is None else functools.partial(DecodeLatents.decode, captions=mix),
         batch_size,
         resampled=resampled,
         shuffle_buffer=shuffle_buffer,

@@ -24,6 +24,7 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
+from ldm.data.captions import CaptionMix
 from ldm.data.filters import FILTER_REASONS, SampleFilter
 from ldm.data.transforms import ImageTransform, SampleError, decode_caption, decode_image
 
@@ -226,7 +227,9 @@ class TarSamples:
 class ImageDecoder:
     """A raw sample → {"image": (3, R, R) float in [-1, 1], "caption": str, "key": str}; raises SampleError.
 
-    With `filters`, a sample they reject raises SampleError(<its filter reason>) before its image is decoded.
+    With `filters`, a sample they reject raises SampleError(<its filter reason>) before its image is decoded; they
+    judge the default caption (`.txt`, else the json's caption: the alt text). With `captions` (a `CaptionMix`),
+    the training caption is drawn from its sources with `rng` after the image's crop, so crops do not change.
     """
 
     def __init__(
@@ -234,9 +237,11 @@ class ImageDecoder:
         transform: ImageTransform,
         image_keys: Sequence[str] = IMAGE_KEYS,
         filters: SampleFilter | None = None,
+        captions: CaptionMix | None = None,
     ):
         self.transform, self.image_keys = transform, tuple(image_keys)
         self.filters = filters if filters is not None and filters.active else None
+        self.captions = captions
 
     def __call__(self, sample: dict, rng: random.Random) -> dict:
         image_key = next((k for k in self.image_keys if k in sample), None)
@@ -252,6 +257,8 @@ class ImageDecoder:
             tensor = self.transform(image, rng)
         except Exception as exn:
             raise SampleError("decode_error", f"transform failed: {type(exn).__name__}: {exn}") from exn
+        if self.captions is not None:
+            caption = self.captions(sample, rng)
         return {"image": tensor, "caption": caption, "key": sample["__key__"]}
 
 
@@ -302,6 +309,7 @@ def image_text_pipeline(
     shard_retries: int = 3,
     retry_backoff: float = 0.25,
     buckets: Mapping | None = None,
+    captions: CaptionMix | Mapping | None = None,
 ):
     """Batches of images and captions from WebDataset shards, for `DataLoader(pipeline, batch_size=None)`
     (a `ldm.data.stream.ShardStream`: resumable at the exact sample with `ResumableLoader`).
@@ -320,6 +328,8 @@ def image_text_pipeline(
     buckets: None → square crops of `resolution`; a `ldm.data.buckets.BucketSpec` or its mapping ({step,
         max_ratio, base}) → aspect-ratio buckets of about `resolution`² pixels, each batch from one bucket,
         samples with `original_size` / `crop_coords` / `target_size` (SDXL micro-conditioning).
+    captions: None → the `.txt` caption, else the json's; a `ldm.data.captions.CaptionMix` or its mapping
+        ({json.recaption: 0.95, txt: 0.05}) → one drawn per sample visit from those sources.
     """
     from ldm.data.buckets import BucketDecoder, BucketTransform
     from ldm.data.stream import ShardStream  # the stream builds on this module's stages
@@ -327,7 +337,7 @@ def image_text_pipeline(
     transform = ImageTransform(resolution, crop=crop, hflip_prob=hflip_prob)
     if buckets is not None:
         transform = BucketTransform.from_spec(buckets, resolution, crop=crop, hflip_prob=hflip_prob)
-    decode = ImageDecoder(transform, image_keys, filters)
+    decode = ImageDecoder(transform, image_keys, filters, CaptionMix.build(captions))
     return ShardStream(
         urls,
         decode if buckets is None else BucketDecoder(decode),

@@ -424,6 +424,11 @@ def _caches(cfg: DictConfig) -> list[tuple[str, dict]]:
 def _check_cached_text_encoder(cfg: DictConfig, text_encoder) -> None:
     for urls, cache in _caches(cfg):
         cached = cache.get("text_encoder")
+        if cached is not None and cfg.data.get("captions"):
+            raise ValueError(
+                f"data.captions draws each caption from several sources, but {urls} holds the text encoding of "
+                "one caption per image; cache again without text_encoder= (the text encoder then runs in training)"
+            )
         if cached is not None and cached != text_encoder.identity():
             raise ValueError(
                 f"the text encodings cached in {urls} were made by text encoder {cached}, but this run's text "
