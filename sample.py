@@ -56,6 +56,7 @@ def main(cfg: DictConfig) -> None:
             cfg.guidance_scale,
             cfg.guidance_rescale,
             cfg.negative_prompt,
+            cfg.guidance_interval,
         )
         path = save_png(
             to_pil(images[batch["index"]].cpu()),
@@ -81,6 +82,7 @@ def main(cfg: DictConfig) -> None:
         width=cfg.width,
         batch_size=cfg.batch_size,
         negative_prompt=cfg.negative_prompt,
+        guidance_interval=cfg.guidance_interval,
         extra_metadata=extra,
     )
     print(f"grid written to {grid}")

@@ -126,14 +126,25 @@ def generated_batches(
 
 
 def pipeline_generator(
-    pipe, sampler, guidance_scale: float, height: int | None = None, width: int | None = None
+    pipe,
+    sampler,
+    guidance_scale: float,
+    height: int | None = None,
+    width: int | None = None,
+    guidance_interval: Sequence[float] | None = None,
 ) -> Generate:
     """A `TextToImage` pipeline as a `Generate` callable."""
 
     def generate(prompts: list[str], seeds: list[int]) -> Tensor:
         with torch.no_grad():
             return pipe(
-                prompts, sampler, guidance_scale=guidance_scale, seeds=seeds, height=height, width=width
+                prompts,
+                sampler,
+                guidance_scale=guidance_scale,
+                seeds=seeds,
+                height=height,
+                width=width,
+                guidance_interval=guidance_interval,
             )
 
     return generate

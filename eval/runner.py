@@ -160,6 +160,7 @@ class EvalSettings:
     seed: int = 0
     guidance_scale: float = 3.0
     guidance_scales: list[float] | None = None
+    guidance_interval: list[float] | None = None
     use_ema: bool = True
     batch_size: int = 32
     height: int | None = None
@@ -237,7 +238,7 @@ def _evaluate_checkpoint(
         start = time.perf_counter()
         name = f"result_cfg{g:g}" if sweep else "result"
         metrics, counts = evaluator.evaluate(
-            pipeline_generator(pipe, sampler, g, height, width),
+            pipeline_generator(pipe, sampler, g, height, width, s.guidance_interval),
             captions,
             s.num_images,
             s.seed,
@@ -260,6 +261,7 @@ def _evaluate_checkpoint(
                 "batch_size": s.batch_size,
                 "sampler": {**describe_sampler(sampler), **(sampler_config or {})},
                 "guidance_scale": g,
+                **({"guidance_interval": list(s.guidance_interval)} if s.guidance_interval else {}),
                 "use_ema": s.use_ema,
                 **evaluator.protocol(),
             },

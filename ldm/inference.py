@@ -134,6 +134,7 @@ class TextToImage:
         mask: Tensor | None = None,
         keep_unmasked_pixels: bool = True,
         negative_prompt: str | Sequence[str] | None = None,
+        guidance_interval: Sequence[float] | None = None,
     ) -> Tensor:
         """Images (B, 3, H, W) in [0, 1]; seed i fixes the initial noise of prompt i whatever the batch.
 
@@ -145,6 +146,8 @@ class TextToImage:
         everything (txt2img).
         ``negative_prompt`` (one for all prompts, or one per prompt) replaces the empty prompt in the unconditional
         half of classifier-free guidance, so the samples are steered away from it; None or "" is the empty prompt.
+        ``guidance_interval`` (sigma_lo, sigma_hi): guide only the steps whose noise level sigma is in
+        (sigma_lo, sigma_hi] (`ldm.diffusion.classifier_free_guidance`); None guides every step.
         """
         if init_image is not None:
             height, width = init_image.shape[-2:]
@@ -169,6 +172,8 @@ class TextToImage:
             guidance_scale,
             cat=Conditioning.cat,
             rescale=guidance_rescale,
+            interval=None if guidance_interval is None else tuple(guidance_interval),
+            sigma_at=self.diffusion.sigma_at,
         )
         generator = torch.Generator(self.device).manual_seed(int(seeds[0]))
         z = sampler(

@@ -163,6 +163,7 @@ def write_samples(
     batch_size: int = 16,
     negative_prompt: str = "",
     extra_metadata: dict | None = None,
+    guidance_interval: Sequence[float] | None = None,
 ) -> Path:
     """One PNG per image, a `grid_cols`-wide grid per prompt (`grids/NNN.png`, 2×2 by default, its row's seeds
     and the prompt under each row) and an overview `grid.png` (a row per prompt); returns the overview's path.
@@ -180,6 +181,7 @@ def write_samples(
         "steps": getattr(sampler, "num_steps", None) or pipe.diffusion.num_timesteps,
         "guidance_scale": guidance_scale,
         "guidance_rescale": guidance_rescale,
+        "guidance_interval": None if guidance_interval is None else [float(v) for v in guidance_interval],
         "negative_prompt": negative_prompt,
         "sampler": type(sampler).__name__,
         "sampler_config": sampler_config(sampler),
@@ -199,6 +201,7 @@ def write_samples(
             guidance_scale,
             guidance_rescale,
             negative_prompt,
+            guidance_interval,
         )
         for k, ((i, prompt, s), image) in enumerate(zip(chunk, batch.cpu(), strict=True)):
             name = f"{i:03d}_{s:06d}.png"
@@ -238,6 +241,7 @@ def generate(
     guidance_scale: float,
     guidance_rescale: float,
     negative_prompt: str = "",
+    guidance_interval: Sequence[float] | None = None,
 ) -> Tensor:
     height, width = job.size if job.image is None and job.size else (None, None)
     return pipe(
@@ -252,6 +256,7 @@ def generate(
         strength=job.strength,
         mask=job.mask,
         negative_prompt=negative_prompt,
+        guidance_interval=guidance_interval,
     )
 
 
@@ -264,6 +269,7 @@ REPRODUCED_KEYS = (
     "outpaint",
     "guidance_scale",
     "guidance_rescale",
+    "guidance_interval",
     "negative_prompt",
     "height",
     "width",

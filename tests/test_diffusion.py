@@ -21,6 +21,7 @@ from ldm.diffusion import (
     EulerSampler,
     GaussianDiffusion,
     HeunSampler,
+    RectifiedFlow,
     classifier_free_guidance,
     drop_conditioning,
     make_betas,
@@ -544,6 +545,90 @@ def test_cfg_combination_batched_and_unbatched(scale):
     assert calls == [3, 3]
     torch.testing.assert_close(batched, expected)
     torch.testing.assert_close(unbatched, expected)
+
+
+def test_sigma_at_reads_the_noise_level_of_the_network_time_input():
+    vp = GaussianDiffusion(schedule="cosine", prediction="v", zero_terminal_snr=True)
+    t = torch.tensor([0, 10, 500, 998])
+    ab = vp.alphas_cumprod[t]
+    torch.testing.assert_close(vp.sigma_at(vp.model_time(t)), ((1 - ab) / ab).sqrt())
+    assert vp.sigma_at(vp.model_time(torch.tensor([999]))).item() == math.inf
+    flow = RectifiedFlow(schedule_shift=3.0)
+    s = flow.sigmas[t]
+    torch.testing.assert_close(
+        flow.sigma_at(flow.model_time(t)), s / (1 - s), rtol=1e-4, atol=0
+    )  # float32 time
+    # the same sigma as the Gaussian form of the process: sqrt((1 - alpha_bar) / alpha_bar)
+    ab = flow.alphas_cumprod[t]
+    torch.testing.assert_close(flow.sigma_at(flow.model_time(t)), ((1 - ab) / ab).sqrt(), rtol=1e-4, atol=0)
+
+
+def test_guidance_interval_guides_only_inside_and_saves_the_calls_outside():
+    diffusion = GaussianDiffusion()
+    x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    cond, uncond = Cond(torch.tensor([2.0, 3.0, 4.0])), Cond(torch.full((3,), -1.0))
+    calls: list = []
+    denoiser = toy_denoiser(calls)
+    plain = classifier_free_guidance(denoiser, cond, uncond, 4.0, cat=Cond.cat)
+    sigma = diffusion.sigma_at(torch.arange(1000))
+    lo, hi = 0.5, 3.0
+    inside_t = int(torch.nonzero((sigma > lo) & (sigma <= hi))[0])
+    outside_t = 999  # sigma 14.6
+    banded = classifier_free_guidance(
+        denoiser, cond, uncond, 4.0, cat=Cond.cat, interval=(lo, hi), sigma_at=diffusion.sigma_at
+    )
+    for t, expected_calls in ((inside_t, [6]), (outside_t, [3])):
+        tt = torch.full((3,), t)
+        calls.clear()
+        out = banded(x, tt)
+        assert calls == expected_calls
+        expected = plain(x, tt) if t == inside_t else denoiser(x, tt, cond)
+        torch.testing.assert_close(out, expected)
+    # one batch at two noise levels: each sample guided or not by its own
+    tt = torch.tensor([inside_t, outside_t, inside_t])
+    out = banded(x, tt)
+    both = plain(x, tt)
+    conditional = denoiser(x, tt, cond)
+    torch.testing.assert_close(out[[0, 2]], both[[0, 2]])
+    torch.testing.assert_close(out[1], conditional[1])
+    with pytest.raises(ValueError, match="lo < hi"):
+        classifier_free_guidance(
+            denoiser, cond, uncond, 4.0, interval=(3.0, 1.0), sigma_at=diffusion.sigma_at
+        )
+    with pytest.raises(ValueError, match="needs sigma_at"):
+        classifier_free_guidance(denoiser, cond, uncond, 4.0, interval=(0.0, 1.0))
+
+
+@pytest.mark.parametrize("flow", [False, True])
+def test_guidance_interval_in_a_sampler_guides_the_steps_of_its_band(flow):
+    """DDIM over 20 steps with the interval: one batched (guided) call per step whose sigma is in the band, one
+    plain call per other step; a band over every sigma samples exactly as unbanded guidance."""
+    diffusion = RectifiedFlow() if flow else GaussianDiffusion()
+    sampler = DDIMSampler(20, timestep_spacing="trailing")
+    cond, uncond = Cond(torch.tensor([0.9, 1.1])), Cond(torch.full((2,), 0.5))
+    x_T = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(2))
+    calls: list = []
+
+    def run(interval):
+        calls.clear()
+        model_fn = classifier_free_guidance(
+            toy_denoiser(calls),
+            cond,
+            uncond,
+            3.0,
+            cat=Cond.cat,
+            interval=interval,
+            sigma_at=diffusion.sigma_at,
+        )
+        return sampler(model_fn, diffusion, x_T)
+
+    sigmas = diffusion.sigma_at(diffusion.model_time(torch.tensor(sampler.timesteps(1000))))
+    lo, hi = 0.3, 5.0
+    run((lo, hi))
+    in_band = [bool(lo < s <= hi) for s in sigmas]
+    assert 0 < sum(in_band) < len(in_band)
+    assert calls == [4 if inside else 2 for inside in in_band]
+    torch.testing.assert_close(run((0.0, math.inf)), run(None))
 
 
 def test_cfg_is_parameterization_invariant():

@@ -393,6 +393,7 @@ def test_sample_grids_reproduce_and_variations(ldm_run, tmp_path):
         "guidance_scale=3.0",
         "guidance_rescale=0.7",
         "negative_prompt=a green square",
+        "guidance_interval=[0.5,8]",  # some of the 4 steps guided, not all: reproduce must restore it
         "batch_size=3",
         "seed=11",
     )
@@ -409,7 +410,7 @@ def test_sample_grids_reproduce_and_variations(ldm_run, tmp_path):
     assert (
         meta["guidance_rescale"] == 0.7 and meta["batch"]["prompts"][0] == "a red circle on a blue background"
     )
-    assert meta["negative_prompt"] == "a green square"
+    assert meta["negative_prompt"] == "a green square" and meta["guidance_interval"] == [0.5, 8.0]
 
     again = tmp_path / "again"
     _run_sample(

@@ -105,6 +105,11 @@ class RectifiedFlow(GaussianDiffusion):
         t = torch.as_tensor(t, dtype=torch.long)
         return (self._buffers(t.device)["flow_sigma"][t] * self.num_timesteps).to(torch.float32)
 
+    def sigma_at(self, time: Tensor) -> Tensor:
+        """sigma = s / (1 - s) for the time input s T (inf at s = 1)."""
+        s = time.to(torch.float64) / self.num_timesteps
+        return s / (1.0 - s)
+
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         return noise - x0
 

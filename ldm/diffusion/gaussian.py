@@ -238,6 +238,12 @@ class GaussianDiffusion:
         """The time input the network is given for timesteps t: the integer t itself here."""
         return t
 
+    def sigma_at(self, time: Tensor) -> Tensor:
+        """The noise level sigma = sqrt((1 - alpha_bar) / alpha_bar) (k-diffusion's; inf at alpha_bar = 0) of a
+        network time input ``model_time(t)``, float64: what the guided network can tell its noise level by."""
+        ab = self._buffers(time.device)["alphas_cumprod"][torch.as_tensor(time, dtype=torch.long)]
+        return ((1.0 - ab) / ab).sqrt().to(torch.float64)
+
     def predict(
         self, model_fn: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, t: Tensor
     ) -> tuple[Tensor, Tensor]:
