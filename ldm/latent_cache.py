@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ldm.conditioning import FrozenOpenCLIPTextEncoder
 from ldm.data.buckets import MICRO_KEYS, BucketDecoder, BucketSpec, BucketTransform
+from ldm.data.filters import SampleFilter
 from ldm.data.latents import CACHE_INFO, LATENTS_MEMBER, encode_latents_member, write_cache_info
 from ldm.data.transforms import ImageTransform, SampleError, decode_caption
 from ldm.data.webdataset import ImageDecoder, SkipCounter, TarSamples, expand_urls, image_text_pipeline
@@ -316,6 +317,7 @@ def cache_latents(
     info: dict | None = None,
     progress: bool = True,
     buckets: BucketSpec | Mapping | None = None,
+    filters: SampleFilter | Mapping | None = None,
 ) -> CacheReport:
     """Encode the shards of `urls` assigned to `rank` (every `world_size`-th) into `out_dir`, one cached shard per
     image shard, same file name. Images are cropped once (`crop`: "center", or one random crop per image, fixed
@@ -324,13 +326,23 @@ def cache_latents(
     temporary file and renamed when complete, so shards already in `out_dir` are complete and are skipped:
     rerunning after a crash or preemption resumes.
 
-    `info` (what made the cache, `cache_info`) goes to `out_dir/cache_info.json` with the image settings applied
-    here (resolution, crop, buckets: the bucket spec and sizes, or null); rank 0 writes it, and a cache made with
-    different settings is refused rather than mixed.
+    `filters` (a `SampleFilter` or its mapping, as `data.filters`) leaves out the samples it drops, counted per
+    reason, before their images are decoded.
+
+    `info` (what made the cache, `cache_info`) goes to `out_dir/cache_info.json` with the settings applied here
+    (resolution, crop, buckets: the bucket spec and sizes, or null; filters: their thresholds, or null); rank 0
+    writes it, and a cache made with different settings is refused rather than mixed.
     """
     out_dir = Path(out_dir)
     transform = _cache_transform(autoencoder, resolution, crop, buckets)
-    applied = {"resolution": int(resolution), "crop": crop, "buckets": _buckets_info(buckets, resolution)}
+    keep = SampleFilter.build(filters)
+    keep = keep if keep is not None and keep.active else None
+    applied = {
+        "resolution": int(resolution),
+        "crop": crop,
+        "buckets": _buckets_info(buckets, resolution),
+        "filters": None if keep is None else asdict(keep),
+    }
     all_urls = expand_urls(urls)
     names = [shard_name(u) for u in all_urls]
     if len(set(names)) != len(names):
@@ -347,7 +359,9 @@ def cache_latents(
     loader = torch.utils.data.DataLoader(
         _ShardBatches(
             todo,
-            ImageDecoder(transform) if buckets is None else BucketDecoder(ImageDecoder(transform)),
+            ImageDecoder(transform, filters=keep)
+            if buckets is None
+            else BucketDecoder(ImageDecoder(transform, filters=keep)),
             batch_size,
         ),
         batch_size=None,
@@ -422,8 +436,11 @@ def _captions(batch: dict) -> list[str]:
     return [decode_caption({k: v for k, v in m.items() if v is not None}) for m in members]
 
 
-_INFO_KEYS_THAT_MUST_MATCH = ("autoencoder", "resolution", "crop", "buckets", "text_encoder")
-_INFO_DEFAULTS = {"buckets": None}  # what a cache_info.json written before the key existed meant
+_INFO_KEYS_THAT_MUST_MATCH = ("autoencoder", "resolution", "crop", "buckets", "filters", "text_encoder")
+_INFO_DEFAULTS = {
+    "buckets": None,
+    "filters": None,
+}  # what a cache_info.json written before the keys existed meant
 
 
 def _check_or_write_info(out_dir: Path, info: dict, write: bool) -> None:

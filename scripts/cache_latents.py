@@ -8,7 +8,7 @@ import time
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 import ldm.utils.hydra_build  # noqa: F401  (registers the config resolvers)
 
@@ -27,6 +27,8 @@ def main(cfg: DictConfig) -> None:
         device = f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
     autoencoder, bundle = load_autoencoder(cfg.autoencoder_ckpt, device)
     resolution = cfg.resolution or bundle["config"]["data"]["resolution"]
+    with open_dict(cfg):
+        cfg.resolution = resolution  # what a filter preset's sizes (${..resolution}) read
     text_encoder = instantiate(cfg.text_encoder).to(device) if cfg.get("text_encoder") else None
     start = time.perf_counter()
     report = cache_latents(
@@ -42,6 +44,7 @@ def main(cfg: DictConfig) -> None:
         info=cache_info(cfg.autoencoder_ckpt, bundle, resolution, cfg.crop, text_encoder, cfg.urls),
         crop=cfg.crop,
         buckets=cfg.buckets,
+        filters=cfg.get("filters"),
     )
     seconds = time.perf_counter() - start
     print(

@@ -275,3 +275,103 @@ def test_a_typo_in_a_filter_config_fails_at_the_key_check():
     cfg = compose_train("data/filters=laion", "+data.filters.min_aestetic=5")
     with pytest.raises(ValueError, match="did you mean 'min_aesthetic'"):
         check_config(cfg)
+
+
+# ---------------------------------------------------------------- cached latents
+
+
+def test_cached_latents_are_filtered_when_caching_or_when_training(tmp_path, vae_ckpt):
+    """The same filters work on a cache: at training from the json the cache kept (an unfiltered cache of
+    everything), or at caching (the dropped samples are never encoded; the thresholds go into cache_info.json)."""
+    from ldm.data.latents import latent_pipeline, read_cache_info
+    from ldm.inference import load_autoencoder
+    from ldm.latent_cache import cache_latents
+
+    urls, outcome = _filtered_shards(tmp_path, n=32)
+    kept = sorted(k for k, r in outcome.items() if not r)
+    ae, _ = load_autoencoder(vae_ckpt)
+
+    def cache(out, **kwargs):
+        return cache_latents(ae, urls, out, 16, batch_size=4, num_workers=0, progress=False, **kwargs)
+
+    def stream(out, **kwargs):
+        return list(
+            latent_pipeline(str(out), 4, shuffle_buffer=0, resampled=False, partial_batches=True, **kwargs)
+        )
+
+    everything = tmp_path / "everything"
+    report = cache(everything)
+    assert read_cache_info(str(everything))["filters"] is None
+    cached = [k for b in stream(everything) for k in b["key"]]
+    assert report.skipped_samples == {"decode_error": len(outcome) - len(cached)}  # the corrupt JPEGs
+    batches = stream(everything, filters={"_target_": "ignored", **LAION_FILTER})
+    assert sorted(k for b in batches for k in b["key"]) == kept
+    counted = {r: sum(int(b["skipped"][r]) for b in batches) for r in SKIP_REASONS}
+    assert {r: n for r, n in counted.items() if n} == dict(Counter(outcome[k] for k in cached if outcome[k]))
+
+    filtered = tmp_path / "filtered"
+    report = cache(filtered, filters=LAION_FILTER)
+    assert sorted(k for b in stream(filtered) for k in b["key"]) == kept
+    assert report.skipped_samples == dict(
+        Counter(r for r in outcome.values() if r)
+    )  # before decoding: no errors
+    assert read_cache_info(str(filtered))["filters"]["min_aesthetic"] == 5.0
+    assert cache(filtered, filters=LAION_FILTER).shards_skipped == 2  # a rerun resumes: same filters
+    with pytest.raises(ValueError, match="different 'filters'"):
+        cache(filtered, filters={**LAION_FILTER, "min_aesthetic": 6.0})
+
+    cfg = compose_train(
+        "experiment=tiny",
+        "data=latents",
+        f"data.train_urls={everything}",
+        "data.resolution=16",
+        "data/filters=laion",
+    )
+    module = instantiate(cfg.data)
+    assert isinstance(module.filters, SampleFilter) and module.filters.min_width == 16
+
+
+def test_cache_cli_takes_a_filter_preset_at_the_cache_resolution(tmp_path, vae_ckpt):
+    """`data/filters@filters=laion`: the preset's sizes (${..resolution}) become the cache's resolution."""
+    import subprocess
+    import sys
+
+    from ldm.data.latents import latent_pipeline, read_cache_info
+
+    from .helpers import ROOT
+
+    urls, outcome = _filtered_shards(tmp_path, n=16)
+    out = tmp_path / "cli"
+    thresholds = {
+        "min_aesthetic": 5.0,
+        "min_clip_similarity": 0.28,
+        "min_caption_length": 3,
+        "max_caption_length": 40,
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/cache_latents.py",
+            f"autoencoder_ckpt={vae_ckpt}",
+            f"urls={'::'.join(urls)}",
+            f"out_dir={out}",
+            "resolution=64",
+            "data/filters@filters=laion",
+            *(f"filters.{k}={v}" for k, v in thresholds.items()),
+            "num_workers=0",
+            "device=cpu",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = read_cache_info(str(out))["filters"]
+    assert {k: info[k] for k in LAION_FILTER} == LAION_FILTER  # min_width/height 64 from the resolution
+    keys = [
+        k
+        for b in latent_pipeline(str(out), 4, shuffle_buffer=0, resampled=False, partial_batches=True)
+        for k in b["key"]
+    ]
+    assert sorted(keys) == sorted(k for k, r in outcome.items() if not r)

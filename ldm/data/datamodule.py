@@ -153,7 +153,8 @@ class CachedLatentDataModule(_ShardDataModule):
     """Batches of cached autoencoder posteriors (and text encodings, when cached) for stage 2.
 
     `resolution` is that of the images the cache was made from; null takes it from the cache's `cache_info.json`.
-    `captions` as for images (the cache keeps every txt and json member of its image shards).
+    `captions` and `filters` as for images (the cache keeps every txt and json member of its image shards); a
+    filter's sizes come from the json only.
     """
 
     provides = "latents"
@@ -164,10 +165,12 @@ class CachedLatentDataModule(_ShardDataModule):
         batch_size: int,
         resolution: int | None = None,
         captions: Mapping | None = None,
+        filters: SampleFilter | Mapping | None = None,
         **loader_settings,
     ):
         super().__init__(train_urls, batch_size, captions=captions, **loader_settings)
         self.resolution = resolution
+        self.filters = SampleFilter.build(filters)
 
     def cache_info(self) -> dict | None:
         return read_cache_info(self.train_urls)
@@ -182,6 +185,7 @@ class CachedLatentDataModule(_ShardDataModule):
                 seed=self.seed,
                 round_shards=self.round_shards,
                 captions=self.captions,
+                filters=self.filters,
             ),
             resumable=True,
         )
@@ -198,5 +202,6 @@ class CachedLatentDataModule(_ShardDataModule):
                 partial_batches=True,
                 seed=self.seed,
                 captions=self.captions,
+                filters=self.filters,
             )
         )

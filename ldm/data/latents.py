@@ -31,6 +31,7 @@ from safetensors.torch import save as save_safetensors
 
 from ldm.data.buckets import MICRO_KEYS
 from ldm.data.captions import CaptionMix
+from ldm.data.filters import SampleFilter
 from ldm.data.stream import ShardStream
 from ldm.data.transforms import SampleError, decode_caption
 from ldm.data.webdataset import SkipCounter, expand_urls
@@ -95,8 +96,19 @@ class DecodeLatents:
         self.counter = counter
 
     @staticmethod
-    def decode(sample: dict, rng: random.Random | None = None, captions: CaptionMix | None = None) -> dict:
-        """`captions`: draw the caption from these sources with `rng` (the cache keeps every txt/json member)."""
+    def decode(
+        sample: dict,
+        rng: random.Random | None = None,
+        captions: CaptionMix | None = None,
+        filters: SampleFilter | None = None,
+    ) -> dict:
+        """`captions`: draw the caption from these sources with `rng` (the cache keeps every txt/json member).
+        `filters`: drop the sample by its json and caption, as for images, before its latents are read; sizes come
+        from the json only (the image is not in the cache)."""
+        if filters is not None:
+            reason = filters.reason_to_drop(sample, decode_caption(sample))
+            if reason is not None:
+                raise SampleError(reason, "dropped by the sample filter")
         if LATENTS_MEMBER not in sample:
             raise SampleError("missing_image", f"no .{LATENTS_MEMBER} member")
         out = decode_latents_member(sample[LATENTS_MEMBER])
@@ -127,17 +139,19 @@ def latent_pipeline(
     round_shards: int = 8,
     log_every: int = 1000,
     captions: CaptionMix | Mapping | None = None,
+    filters: SampleFilter | Mapping | None = None,
 ) -> ShardStream:
     """Batches from cached-latent shards: {"latent_mean": (B, C, h, w), "latent_std", "caption", "key", ...},
     with "text_tokens" / "text_pooled" / "text_mask" when the cache holds the text encoding, and
     "original_size" / "crop_coords" / "target_size" (B, 2) when it was written with buckets (each batch is then
     one bucket: samples are batched by shape). `captions` draws each caption from several sources, as for
-    images (`ldm.data.captions`). Same shard
+    images (`ldm.data.captions`); `filters` drops samples by their json and caption (`ldm.data.filters`). Same shard
     handling (resampling, splitting, shuffling, skip counting, exact resume) as `image_text_pipeline`."""
-    mix = CaptionMix.build(captions)
+    mix, keep = CaptionMix.build(captions), SampleFilter.build(filters)
+    keep = keep if keep is not None and keep.active else None
     return ShardStream(
         urls,
-        DecodeLatents.decode if mix is None else functools.partial(DecodeLatents.decode, captions=mix),
+        functools.partial(DecodeLatents.decode, captions=mix, filters=keep),
         batch_size,
         resampled=resampled,
         shuffle_buffer=shuffle_buffer,
