@@ -54,6 +54,19 @@ def test_null_conditioning_is_the_empty_prompt(encoder):
     torch.testing.assert_close(null.tokens[3], encoder([""]).tokens[0])
 
 
+def test_truncated_marks_the_prompts_longer_than_the_context(encoder):
+    """Against the tokenizer's own BPE count: start + tokens + end > context length."""
+    tokenizer = open_clip.get_tokenizer("ldm-tiny-text")
+    n = encoder.context_length - 2  # words that just fit
+    prompts = ["a cat", "word " * n, "word " * (n + 1), "two words " * n, "", "ünïcödé " * n]
+    expected = [len(tokenizer.encode(p)) + 2 > encoder.context_length for p in prompts]
+    assert encoder.truncated(prompts).tolist() == expected
+    assert expected[1:3] == [False, True]  # the boundary is met
+    assert (
+        encoder.tokenize(prompts)[2, -1] != 0
+    )  # the cut prompt fills the context (it ends with the end token)
+
+
 def test_conditioning_where_cat_index():
     a = Conditioning(torch.zeros(3, 2, 4), torch.zeros(3, 5), torch.ones(3, 2, dtype=torch.bool))
     b = Conditioning(torch.ones(1, 2, 4), torch.ones(1, 5), torch.zeros(1, 2, dtype=torch.bool))

@@ -243,6 +243,7 @@ def test_stage2_trains_a_rectified_flow_and_its_checkpoint_rebuilds_it(flow_run)
     from ldm.inference import TextToImage
 
     assert flow_run["global_step"] == 4
+    assert flow_run["metrics"]["data/captions_truncated_frac"] == 0.0  # short synthetic captions
     pipe, bundle = TextToImage.from_checkpoint(flow_run["checkpoint"])
     assert isinstance(pipe.diffusion, RectifiedFlow) and pipe.diffusion.schedule_shift == 2.0
     assert bundle["diffusion"]["schedule"] == "rectified_flow"

@@ -76,6 +76,11 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
     def tokenize(self, prompts: list[str]) -> Tensor:
         return self.tokenizer(list(prompts), context_length=self.context_length)
 
+    def truncated(self, prompts: list[str]) -> Tensor:
+        """(B,) bool: the prompts longer than the context (start and end tokens included), whose ends the
+        tokenizer cuts off. (Tokenized one position longer: the last is filled exactly when they do not fit.)"""
+        return self.tokenizer(list(prompts), context_length=self.context_length + 1)[:, -1] != 0
+
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> Conditioning:
         device = self.text.token_embedding.weight.device

@@ -58,6 +58,7 @@ class DiffusionModule(LDMModuleBase):
                 f"{unet.out_channels} output channels (an inpainting UNet takes 2 C + 1: x_t, mask, masked latents)"
             )
         self.ema = EMA(unet, decay=ema_decay, warmup=ema_warmup)
+        self._captions_checked = self._captions_truncated = 0
         self.denoise = unet_denoiser(self.unet)
         if val_timesteps < 0 or val_timesteps > diffusion.num_timesteps:
             raise ValueError(f"val_timesteps must be in [0, {diffusion.num_timesteps}], got {val_timesteps}")
@@ -103,7 +104,22 @@ class DiffusionModule(LDMModuleBase):
     def _conditioning(self, batch: dict) -> Conditioning:
         if "text_tokens" in batch:  # cached with the latents
             return Conditioning(batch["text_tokens"], batch.get("text_pooled"), batch.get("text_mask"))
+        self._count_truncated(batch["caption"])
         return self.text_encoder(batch["caption"])
+
+    TRUNCATION_SAMPLE = 16  # captions per batch checked for truncation (tokenizing them again costs CPU time)
+
+    def _count_truncated(self, captions: list[str]) -> None:
+        """`data/captions_truncated_frac`: the share of training captions longer than the text encoder's context
+        (77 tokens for OpenCLIP), whose ends it never sees — common with long synthetic captions. Estimated on
+        the first `TRUNCATION_SAMPLE` captions of each batch, cumulated over the run (on this process)."""
+        truncated = getattr(self.text_encoder, "truncated", None)
+        if truncated is None or not captions:
+            return
+        checked = list(captions[: self.TRUNCATION_SAMPLE])
+        self._captions_checked += len(checked)
+        self._captions_truncated += int(truncated(checked).sum())
+        self.log("data/captions_truncated_frac", self._captions_truncated / self._captions_checked)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         z0 = self.codec.normalize(self._raw_latents(batch))  # (B, C, h, w), unit variance
