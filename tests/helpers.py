@@ -2,6 +2,7 @@
 
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,17 @@ def compose_train(*overrides: str, run_dir: str = "/tmp/ldm-test-run"):
         return compose(
             "train", overrides=["data.train_urls=/nonexistent/x.tar", f"run_dir={run_dir}", *overrides]
         )
+
+
+def write_tar(path, samples) -> str:
+    """A shard of (key, {extension: bytes}) samples, members in order, as img2dataset and the caches write them."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
 
 
 # overrides that make a tiny training run take seconds on CPU

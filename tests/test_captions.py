@@ -5,7 +5,6 @@ import io
 import json
 import math
 import random
-import tarfile
 from collections import Counter
 from itertools import islice
 
@@ -22,7 +21,7 @@ from ldm.data.stream import ResumableLoader
 from ldm.data.transforms import SampleError
 from ldm.data.webdataset import image_text_pipeline
 
-from .helpers import compose_train
+from .helpers import compose_train, write_tar
 
 NUM_SHARDS, PER_SHARD = 3, 8
 
@@ -39,15 +38,6 @@ def _members(key: str, i: int) -> dict[str, bytes]:
     return members
 
 
-def _write_tar(path, samples: list[tuple[str, dict[str, bytes]]]):
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
 @pytest.fixture(scope="module")
 def image_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("recaptioned")
@@ -59,7 +49,7 @@ def image_shards(tmp_path_factory):
             buf = io.BytesIO()
             Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(buf, format="JPEG")
             samples.append((key, {"jpg": buf.getvalue(), **_members(key, i)}))
-        _write_tar(out / f"shard-{s:06d}.tar", samples)
+        write_tar(out / f"shard-{s:06d}.tar", samples)
     return str(out)
 
 
@@ -74,7 +64,7 @@ def latent_shards(tmp_path_factory):
             key = f"{s * PER_SHARD + i:06d}"
             member = encode_latents_member(torch.randn(4, 4, 4, generator=g), torch.rand(4, 4, 4) + 0.1)
             samples.append((key, {"latents.safetensors": member, **_members(key, i)}))
-        _write_tar(out / f"latents-{s:06d}.tar", samples)
+        write_tar(out / f"latents-{s:06d}.tar", samples)
     return str(out)
 
 

@@ -4,7 +4,6 @@ before decoding, counts per reason through the real pipeline, and the config gro
 import io
 import json
 import random
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from ldm.data.filters import FIELD_PRESETS, FILTER_REASONS, SampleFilter, resolv
 from ldm.data.webdataset import SKIP_REASONS, image_text_pipeline
 from ldm.utils.hydra_build import check_config
 
-from .helpers import compose_train
+from .helpers import compose_train, write_tar
 
 LAION_FILTER = dict(
     min_width=64,
@@ -185,16 +184,6 @@ def test_presets_use_the_datasets_column_names():
 # ---------------------------------------------------------------- through the pipeline
 
 
-def _write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> str:
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return str(path)
-
-
 def _filtered_shards(tmp_path: Path, n: int = 64) -> tuple[list[str], dict[str, str]]:
     """Samples that each fail at most one filter (chosen at random): key → reason ("" for kept)."""
     rng = random.Random(0)
@@ -211,8 +200,8 @@ def _filtered_shards(tmp_path: Path, n: int = 64) -> tuple[list[str], dict[str, 
         outcome[key] = reason
     half = n // 2
     urls = [
-        _write_tar(tmp_path / "f-0.tar", samples[:half]),
-        _write_tar(tmp_path / "f-1.tar", samples[half:]),
+        write_tar(tmp_path / "f-0.tar", samples[:half]),
+        write_tar(tmp_path / "f-1.tar", samples[half:]),
     ]
     return urls, outcome
 

@@ -5,8 +5,6 @@ Ranks are emulated with RANK / WORLD_SIZE (what `ResumableLoader` reads when tor
 the 2-process DDP test (tests/test_ddp_resume.py) runs the same code under a real process group.
 """
 
-import io
-import tarfile
 from itertools import islice
 
 import pytest
@@ -16,6 +14,8 @@ from ldm.data.latents import encode_latents_member, latent_pipeline
 from ldm.data.stream import ResumableLoader
 from ldm.data.synthetic import write_synthetic_shards
 from ldm.data.webdataset import image_text_pipeline
+
+from .helpers import write_tar
 
 NUM_SHARDS, PER_SHARD = 8, 6
 
@@ -35,17 +35,12 @@ def latent_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("latent-shards")
     gen = torch.Generator().manual_seed(0)
     for s in range(NUM_SHARDS):
-        with tarfile.open(out / f"latents-{s:06d}.tar", "w") as tar:
-            for i in range(PER_SHARD):
-                key = f"{s * PER_SHARD + i:09d}"
-                member = encode_latents_member(torch.randn(4, 4, 4, generator=gen), torch.rand(4, 4, 4) + 0.1)
-                for name, data in (
-                    (f"{key}.latents.safetensors", member),
-                    (f"{key}.txt", f"c{key}".encode()),
-                ):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+        samples = []
+        for i in range(PER_SHARD):
+            key = f"{s * PER_SHARD + i:09d}"
+            member = encode_latents_member(torch.randn(4, 4, 4, generator=gen), torch.rand(4, 4, 4) + 0.1)
+            samples.append((key, {"latents.safetensors": member, "txt": f"c{key}".encode()}))
+        write_tar(out / f"latents-{s:06d}.tar", samples)
     return str(out)
 
 
