@@ -448,6 +448,21 @@ def test_clip_score_cli(trained, shards, weights, tmp_path, sweep):
 
 
 @pytest.mark.slow
+def test_guidance_interval_outside_every_step_scores_as_no_guidance(
+    trained, shards, weights, tmp_path, sweep
+):
+    """guidance_interval reaches the sampler: a band no step's sigma falls in leaves every step unguided, so
+    guidance 3 then gives guidance 1's images and score exactly; the protocol records the band."""
+    args = _eval_args(trained, shards, weights, tmp_path, "guidance_scale=3", "guidance_interval=[1000,2000]")
+    run_cli(["eval/clip_score.py", *[a for a in args if not a.startswith("reference=")]])
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["protocol"]["guidance_interval"] == [1000.0, 2000.0]
+    unguided = json.loads((sweep / "result_cfg1.json").read_text())["metrics"]["clip_score"]
+    guided = json.loads((sweep / "result_cfg3.json").read_text())["metrics"]["clip_score"]
+    assert result["metrics"]["clip_score"] == pytest.approx(unguided, rel=1e-9) and unguided != guided
+
+
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_numbers(trained, shards, weights, tmp_path, sweep):
     """torchrun, 2 CPU processes (gloo): the reference statistics are computed split over both (fresh cache),
     images are shared out, and FID / KID / IS / CLIP equal the single-process run's."""

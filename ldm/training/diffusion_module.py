@@ -223,11 +223,18 @@ class DiffusionModule(LDMModuleBase):
         guidance_scale: float,
         seeds: Sequence[int],
         use_ema: bool = True,
+        guidance_interval: Sequence[float] | None = None,
     ) -> Tensor:
         was_training = self.unet.training
         self.unet.eval()
         try:
-            return self.pipeline(use_ema)(prompts, sampler, guidance_scale=guidance_scale, seeds=seeds)
+            return self.pipeline(use_ema)(
+                prompts,
+                sampler,
+                guidance_scale=guidance_scale,
+                seeds=seeds,
+                guidance_interval=guidance_interval,
+            )
         finally:
             self.unet.train(was_training)
 

@@ -32,6 +32,7 @@ class EvalCallback(L.Callback):
         reference_num_images: int = 5000,
         sampler=None,
         guidance_scale: float = 3.0,
+        guidance_interval: Sequence[float] | None = None,
         seed: int = 0,
         batch_size: int = 32,
         use_ema: bool = True,
@@ -52,6 +53,7 @@ class EvalCallback(L.Callback):
         self.reference_cache_dir = reference_cache_dir
         self.num_images, self.batch_size, self.seed = num_images, batch_size, seed
         self.sampler, self.guidance_scale, self.use_ema = sampler, guidance_scale, use_ema
+        self.guidance_interval = None if guidance_interval is None else [float(v) for v in guidance_interval]
         self.inception_weights, self.resize = inception_weights, resize
         self.clip_model, self.clip_pretrained, self.clip_cache_dir = (
             clip_model,
@@ -116,7 +118,14 @@ class EvalCallback(L.Callback):
             self._setup(trainer, pl_module)
 
         def generate(prompts, seeds):
-            return pl_module.generate(prompts, self.sampler, self.guidance_scale, seeds, use_ema=self.use_ema)
+            return pl_module.generate(
+                prompts,
+                self.sampler,
+                self.guidance_scale,
+                seeds,
+                use_ema=self.use_ema,
+                guidance_interval=self.guidance_interval,
+            )
 
         metrics, _ = self._evaluator.evaluate(
             generate,
