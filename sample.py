@@ -15,7 +15,7 @@ import ldm.utils.hydra_build  # noqa: F401  (registers the config resolvers)
 @hydra.main(config_path="configs", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from ldm.inference import TextToImage, read_prompts
-    from ldm.sampling import generate, prepare_job, reproduce_settings, write_samples
+    from ldm.sampling import generate, late_start_warning, prepare_job, reproduce_settings, write_samples
     from ldm.utils.images import save_png, to_pil
 
     batch = None
@@ -27,6 +27,8 @@ def main(cfg: DictConfig) -> None:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     pipe, _ = TextToImage.from_checkpoint(cfg.ckpt, use_ema=cfg.use_ema, device=device)
     sampler = instantiate(cfg.sampler)
+    if warning := late_start_warning(pipe.diffusion, sampler):
+        print(f"warning: {warning}")
     prompts = (
         batch["prompts"]
         if batch

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ldm.diffusion import DDIMSampler, DDPMSampler
 from ldm.inference import TextToImage
 from ldm.utils.images import labelled_grid, read_png_metadata, save_png, to_pil
 
@@ -147,6 +148,23 @@ def sampler_config(sampler) -> dict:
     """An instantiable description of a sampler: its class path and plain settings (num_steps, eta, …)."""
     settings = {k: v for k, v in vars(sampler).items() if isinstance(v, int | float | str | bool | None)}
     return {"_target_": f"{type(sampler).__module__}.{type(sampler).__qualname__}", **settings}
+
+
+def late_start_warning(diffusion, sampler) -> str | None:
+    """A warning when `sampler` starts below pure noise on a process whose last step is pure noise (zero terminal
+    SNR, rectified flow): DDIM/DDPM grids that never visit t = T - 1 ("leading" spacing, Lin et al. 2024 sec. 3.3)
+    then treat the initial noise as a slightly noisy image. None when the start is right."""
+    timesteps = getattr(sampler, "timesteps", None)
+    if not isinstance(sampler, DDIMSampler | DDPMSampler) or timesteps is None:
+        return None  # the k-samplers start at sigma_max on purpose
+    last = diffusion.num_timesteps - 1
+    first = timesteps(diffusion.num_timesteps)[0]
+    if float(diffusion.alphas_cumprod[-1]) > 0 or first == last:
+        return None
+    return (
+        f"{type(sampler).__name__} starts at t = {first}, but this model's t = {last} is pure noise "
+        "(zero terminal SNR or rectified flow): sample with sampler=euler, or sampler.timestep_spacing=trailing"
+    )
 
 
 def write_samples(

@@ -17,6 +17,7 @@ from ldm.diffusion import (
     DPMSolverPP2MSampler,
     EulerAncestralSampler,
     EulerSampler,
+    GaussianDiffusion,
     HeunSampler,
     RectifiedFlow,
 )
@@ -255,6 +256,19 @@ def test_stage2_trains_a_rectified_flow_and_its_checkpoint_rebuilds_it(flow_run)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
 
 
+def test_a_grid_that_starts_below_pure_noise_is_warned_about():
+    from ldm.sampling import late_start_warning
+
+    flow, plain = RectifiedFlow(), GaussianDiffusion()
+    ztsnr = GaussianDiffusion(schedule="cosine", prediction="v", zero_terminal_snr=True)
+    leading = DDIMSampler(50)  # starts at t = 980
+    assert "starts at t = 980" in late_start_warning(flow, leading)
+    assert "starts at t = 980" in late_start_warning(ztsnr, leading)
+    assert late_start_warning(plain, leading) is None  # SD's schedule: t = 999 is not pure noise either
+    for fine in (DDIMSampler(50, timestep_spacing="trailing"), DDPMSampler(), EulerSampler(10)):
+        assert late_start_warning(flow, fine) is None
+
+
 def test_sample_cli_on_a_rectified_flow_checkpoint(flow_run, tmp_path):
     out = tmp_path / "samples"
     proc = subprocess.run(
@@ -264,8 +278,7 @@ def test_sample_cli_on_a_rectified_flow_checkpoint(flow_run, tmp_path):
             f"ckpt={flow_run['checkpoint']}",
             "prompts=[a green square on a white background]",
             f"out_dir={out}",
-            "sampler=euler",
-            "sampler.num_steps=3",
+            "sampler.num_steps=3",  # sample.yaml's DDIM, "leading": starts at t = 666
             "num_per_prompt=2",
         ],
         cwd=ROOT,
@@ -275,6 +288,7 @@ def test_sample_cli_on_a_rectified_flow_checkpoint(flow_run, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list((out / "images").glob("*.png"))) == 2 and (out / "grid.png").exists()
+    assert "warning: DDIMSampler starts at t = 666" in proc.stdout and "sampler=euler" in proc.stdout
 
 
 def test_export_writes_diffusers_flow_match_scheduler_that_samples_like_ours(flow_run, tmp_path):
