@@ -267,6 +267,13 @@ def test_a_grid_that_starts_below_pure_noise_is_warned_about():
     assert late_start_warning(plain, leading) is None  # SD's schedule: t = 999 is not pure noise either
     for fine in (DDIMSampler(50, timestep_spacing="trailing"), DDPMSampler(), EulerSampler(10)):
         assert late_start_warning(flow, fine) is None
+    # the training run's sample-grid callback says so at the start, too
+    from types import SimpleNamespace
+
+    from ldm.training.callbacks import SampleGridCallback
+
+    with pytest.warns(UserWarning, match="sample grids: DDIMSampler starts at t = 980"):
+        SampleGridCallback(["a cat"], leading).on_fit_start(None, SimpleNamespace(diffusion=flow))
 
 
 def test_sample_cli_on_a_rectified_flow_checkpoint(flow_run, tmp_path):

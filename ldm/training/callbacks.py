@@ -8,8 +8,9 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from ldm.sampling import late_start_warning
 from ldm.training.fsdp import is_sharded
 from ldm.utils.images import labelled_grid, save_png
 
@@ -48,6 +49,10 @@ class SampleGridCallback(L.Callback):
         )
         self.last_grid: Path | None = None
         self._last_step = -1
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.prompts and (warning := late_start_warning(pl_module.diffusion, self.sampler)):
+            rank_zero_warn(f"sample grids: {warning}")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
