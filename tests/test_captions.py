@@ -21,7 +21,7 @@ from ldm.data.stream import ResumableLoader
 from ldm.data.transforms import SampleError
 from ldm.data.webdataset import image_text_pipeline
 
-from .helpers import compose_train, write_tar
+from .helpers import FAST, compose_train, write_tar
 
 NUM_SHARDS, PER_SHARD = 3, 8
 
@@ -186,11 +186,14 @@ def test_latent_stream_draws_from_the_members_the_cache_kept(latent_shards):
     stream = latent_pipeline(
         latent_shards, 4, shuffle_buffer=0, resampled=False, captions={"json.recaption": 1.0, "txt": 0.0}
     )
-    captions = {k: c for b in stream for k, c in zip(b["key"], b["caption"], strict=True)}
+    batches = list(stream)
+    captions = {k: c for b in batches for k, c in zip(b["key"], b["caption"], strict=True)}
     assert len(captions) == NUM_SHARDS * PER_SHARD
     for key, caption in captions.items():
         sources = _sources_of(key)
         assert caption == sources.get("json.recaption", sources["txt"])
+    drawn = Counter(s for b in batches for s in b["caption_source"])
+    assert drawn == {"json.recaption": 18, "txt": 6}  # txt only where there is no recaption (i % 4 == 3)
     plain = latent_pipeline(latent_shards, 4, shuffle_buffer=0, resampled=False)
     assert all(c.startswith("alt ") for b in plain for c in b["caption"])
 
@@ -209,10 +212,33 @@ def test_data_config_carries_the_mix_to_train_and_val_loaders(image_shards):
     dm = instantiate(cfg.data)
     for loader in (dm.train_dataloader(), dm.val_dataloader()):
         batch = next(iter(loader))
-        for key, caption in zip(batch["key"], batch["caption"], strict=True):
+        for key, caption, source in zip(batch["key"], batch["caption"], batch["caption_source"], strict=True):
             sources = _sources_of(key)
-            assert caption == sources.get("json.recaption", sources["txt"])
+            assert caption == sources.get("json.recaption", sources["txt"]) == sources[source]
     with pytest.raises(
         InstantiationException, match="weight > 0"
     ):  # when the config is built, not in a worker
         instantiate(compose_train("experiment=tiny", "data.train_urls=x", "data.captions={txt: 0}").data)
+
+
+def test_stage2_logs_the_share_of_each_caption_source(image_shards, vae_ckpt, tmp_path):
+    """A real tiny stage-2 run on the recaptioned shards: data/caption_source/<source> holds the running shares
+    (what would show a misspelt field: json.recaptoin would read 0 and txt 1)."""
+    from ldm.training.run import train
+
+    cfg = compose_train(
+        "experiment=tiny",
+        f"data.train_urls={image_shards}",
+        f"autoencoder_ckpt={vae_ckpt}",
+        "data.resolution=32",
+        "data.captions={json.recaption: 0.75, txt: 0.25, json.recaptoin: 1.0}",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=null",
+        "callbacks.sample_grid=null",
+        *FAST,
+        run_dir=str(tmp_path),
+    )
+    metrics = train(cfg)["metrics"]
+    shares = {k.split("/")[-1]: v for k, v in metrics.items() if k.startswith("data/caption_source/")}
+    assert set(shares) == {"json.recaption", "txt"} and sum(shares.values()) == pytest.approx(1.0)
+    assert 0 < shares["json.recaption"] < 1  # 3 batches of 8: both met; the misspelt field never

@@ -12,6 +12,8 @@ A source is ``txt`` (or any text member, e.g. ``recap.txt``) or ``json.<field>``
 the sources a sample actually has (missing, empty or non-string ones drop out), so an image without a recaption
 trains on its alt text; a weight of 0 makes a source a fallback only, used when no weighted source is there, in
 the order listed. A sample with none of them trains with the empty prompt, as one without any caption does.
+The streams add each sample's ``caption_source`` ("none" for the empty prompt); stage 2 logs the running shares as
+``data/caption_source/<source>``, which is how a misspelt field (always falling back) shows.
 """
 
 from __future__ import annotations

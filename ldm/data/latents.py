@@ -112,7 +112,11 @@ class DecodeLatents:
         if LATENTS_MEMBER not in sample:
             raise SampleError("missing_image", f"no .{LATENTS_MEMBER} member")
         out = decode_latents_member(sample[LATENTS_MEMBER])
-        out["caption"] = decode_caption(sample) if captions is None else captions(sample, rng)
+        if captions is None:
+            out["caption"] = decode_caption(sample)
+        else:
+            source, out["caption"] = captions.choose(sample, rng)
+            out["caption_source"] = source or "none"
         out["key"] = sample["__key__"]
         return out
 

@@ -257,9 +257,11 @@ class ImageDecoder:
             tensor = self.transform(image, rng)
         except Exception as exn:
             raise SampleError("decode_error", f"transform failed: {type(exn).__name__}: {exn}") from exn
+        out = {"image": tensor, "caption": caption, "key": sample["__key__"]}
         if self.captions is not None:
-            caption = self.captions(sample, rng)
-        return {"image": tensor, "caption": caption, "key": sample["__key__"]}
+            source, out["caption"] = self.captions.choose(sample, rng)
+            out["caption_source"] = source or "none"
+        return out
 
 
 class Batch:

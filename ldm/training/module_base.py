@@ -26,6 +26,7 @@ class LDMModuleBase(L.LightningModule):
         self.config = config  # the resolved run config, as plain containers; written into every checkpoint
         self.skipped_samples = 0  # per rank, since the start of this process
         self.skipped_by_reason: dict[str, int] = {}
+        self.caption_sources: dict[str, int] = {}  # data.captions: samples per caption source
         self.max_nonfinite_steps: int | None = 10  # set by run.train from the config's max_nonfinite_steps
         self.nonfinite: dict[str, NonFiniteGuard] = {}  # per gradient-norm panel (one per optimizer)
         self.nonfinite_stop: str | None = None  # why the run was stopped, when it was
@@ -86,6 +87,12 @@ class LDMModuleBase(L.LightningModule):
         if batch.get("n_skipped") is not None:
             self.skipped_samples += int(batch["n_skipped"])
             self.log("data/skipped_samples", float(self.skipped_samples))
+        if batch.get("caption_source"):  # data.captions: the share of each source so far (on this process)
+            for source in batch["caption_source"]:
+                self.caption_sources[source] = self.caption_sources.get(source, 0) + 1
+            total = sum(self.caption_sources.values())
+            for source, count in self.caption_sources.items():
+                self.log(f"data/caption_source/{source}", count / total)
 
     def log_per_timestep_loss(self, per_sample: Tensor, t: Tensor, num_timesteps: int) -> None:
         """Mean loss in each of NUM_TIMESTEP_BINS timestep bins present in the batch (where the model struggles)."""
