@@ -2,9 +2,10 @@
 
 Recaptioned datasets keep each image's original alt text beside one or more model-written captions, in the json
 (``{"caption": ..., "recaption": ...}``) or as extra members (``key.recap.txt``). DALL-E 3 trained on 95 %
-synthetic and 5 % original captions (Betker et al. 2023, sec. 3.4), PixArt-alpha and SD3 on mixes too: the model
-learns from the detailed captions and still follows short, human-style prompts. ``CaptionMix`` draws one source per
-sample visit with the given weights, from the sample's own random stream (so a resumed run draws the same ones):
+synthetic and 5 % original captions (Betker et al. 2023, "Improving image generation with better captions"),
+PixArt-alpha and SD3 on mixes too: the model learns from the detailed captions and still follows short,
+human-style prompts. ``CaptionMix`` draws one source per sample visit with the given weights, from the sample's own
+random stream (so a resumed run draws the same ones):
 
     data.captions: {json.recaption: 0.95, txt: 0.05}
 

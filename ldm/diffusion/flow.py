@@ -9,8 +9,8 @@ and the network predicts the velocity along the straight path, v = dx_s / ds = e
 dx/ds = v from s = 1 (pure noise) to 0.
 
 Discrete, as diffusers trains and samples SD3: timestep t in [0, T) has s_t = (t + 1) / T, shifted as
-s' = shift s / (1 + (shift - 1) s) (Esser et al. 2024 eq. 23; lowers the log-SNR by 2 log(shift), the same as
-``schedules.shift_schedule``), and the network's time input is s_t T (a float: diffusers'
+s' = shift s / (1 + (shift - 1) s) (Esser et al. 2024, resolution-dependent shifting; it lowers the log-SNR by
+2 log(shift), as ``schedules.shift_schedule`` does), and the network's time input is s_t T (a float: diffusers'
 ``FlowMatchEulerDiscreteScheduler`` timesteps), so the time embedding keeps naming the noise level under a shift.
 
 It is the Gaussian process x_s / c_s = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps with
