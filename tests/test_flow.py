@@ -21,6 +21,7 @@ from ldm.diffusion import (
     HeunSampler,
     RectifiedFlow,
 )
+from ldm.utils.images import read_png_metadata
 
 from .helpers import FAST, ROOT, compose_train
 
@@ -234,6 +235,7 @@ def flow_run(synthetic_shards, vae_ckpt, tmp_path_factory):
         f"autoencoder_ckpt={vae_ckpt}",
         "trainer.max_steps=4",
         "callbacks.sample_grid.every_n_steps=2",
+        "callbacks.sample_grid.guidance_interval=[0.5,20]",
         *FAST,
         run_dir=str(tmp_path_factory.mktemp("flow")),
     )
@@ -249,7 +251,9 @@ def test_stage2_trains_a_rectified_flow_and_its_checkpoint_rebuilds_it(flow_run)
     assert isinstance(pipe.diffusion, RectifiedFlow) and pipe.diffusion.schedule_shift == 2.0
     assert bundle["diffusion"]["schedule"] == "rectified_flow"
     run_dir = Path(flow_run["run_dir"])
-    assert len(list((run_dir / "samples").glob("step_*.png"))) >= 2  # the grid callback sampled it twice
+    grids = sorted((run_dir / "samples").glob("step_*.png"))
+    assert len(grids) >= 2  # the grid callback sampled it twice, guided in a band
+    assert read_png_metadata(grids[-1])["guidance_interval"] == [0.5, 20.0]
     images = pipe(
         ["a red circle on a blue background"] * 2, EulerSampler(3), guidance_scale=2.0, seeds=[0, 1]
     )

@@ -38,8 +38,10 @@ class SampleGridCallback(L.Callback):
         seed: int = 0,
         use_ema: bool = True,
         at_train_end: bool = True,
+        guidance_interval: Sequence[float] | None = None,
     ) -> None:
         self.prompts, self.sampler = list(prompts), sampler
+        self.guidance_interval = None if guidance_interval is None else [float(v) for v in guidance_interval]
         self.every_n_steps, self.num_per_prompt = every_n_steps, num_per_prompt
         self.guidance_scale, self.seed, self.use_ema, self.at_train_end = (
             guidance_scale,
@@ -68,7 +70,12 @@ class SampleGridCallback(L.Callback):
         sampler, steps = type(self.sampler).__name__, getattr(self.sampler, "num_steps", None)
         how = f"{sampler}, {steps} steps" if steps else sampler
         weights = "EMA" if self.use_ema else "raw"
-        return f"step {step}, {how}, guidance {self.guidance_scale}, {weights} weights: " + " | ".join(
+        band = (
+            ""
+            if self.guidance_interval is None
+            else f" in sigma ({self.guidance_interval[0]:g}, {self.guidance_interval[1]:g}]"
+        )
+        return f"step {step}, {how}, guidance {self.guidance_scale}{band}, {weights} weights: " + " | ".join(
             self.prompts
         )
 
@@ -82,13 +89,21 @@ class SampleGridCallback(L.Callback):
         self._last_step = step
         prompts = [p for p in self.prompts for _ in range(self.num_per_prompt)]
         seeds = [self.seed + i for i in range(self.num_per_prompt)] * len(self.prompts)
-        images = pl_module.generate(prompts, self.sampler, self.guidance_scale, seeds, use_ema=self.use_ema)
+        images = pl_module.generate(
+            prompts,
+            self.sampler,
+            self.guidance_scale,
+            seeds,
+            use_ema=self.use_ema,
+            guidance_interval=self.guidance_interval,
+        )
         if not trainer.is_global_zero:
             return None
         grid = labelled_grid(images.cpu(), self.num_per_prompt, self.prompts)
         meta = {
             "step": step,
             "guidance_scale": self.guidance_scale,
+            "guidance_interval": self.guidance_interval,
             "prompts": self.prompts,
             "seed": self.seed,
         }
