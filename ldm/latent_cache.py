@@ -1,171 +1,29 @@
-"""Latent statistics of a trained autoencoder, and the cache of latents (and text encodings) stage 2 can train on.
+"""The cache of latents (and text encodings) stage 2 can train on.
 
-- `LatentMoments` / `measure_latent_stats`: mean and std of the autoencoder's latents over a sample of the data
-  (pooled over ranks), from which the latent scale 1/std (Rombach et al. 2022, sec. 4.3.2 / appendix G) and the
-  optional shift are set. They are stored in the autoencoder checkpoint; nothing hard-codes a scale.
-- `cache_latents`: encode image shards once into cached-latent shards (`ldm.data.latents` has the format), shard by
-  shard, so a killed job resumes where it stopped and several processes split the shards between them.
+`cache_latents` encodes image shards once into cached-latent shards (`ldm.data.latents` has the format), shard by
+shard, so a killed job resumes where it stopped and several processes split the shards between them. The latent
+statistics that set the scale live in `ldm.latent_stats`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import webdataset as wds
-from torch import Tensor
 
 from ldm.conditioning import FrozenOpenCLIPTextEncoder
 from ldm.data.buckets import MICRO_KEYS, BucketDecoder, BucketSpec, BucketTransform
 from ldm.data.filters import SampleFilter
 from ldm.data.latents import CACHE_INFO, LATENTS_MEMBER, encode_latents_member, write_cache_info
 from ldm.data.transforms import ImageTransform, SampleError, decode_caption
-from ldm.data.webdataset import ImageDecoder, SkipCounter, TarSamples, expand_urls, image_text_pipeline
-from ldm.models.autoencoder import DiagonalGaussian
-from ldm.utils.checkpoint import BUNDLE_KEY, atomic_save, load_checkpoint
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class LatentStats:
-    mean: float
-    std: float
-    channel_mean: list[float]
-    channel_std: list[float]
-    num_samples: int
-
-    @property
-    def scale(self) -> float:
-        """The factor that gives the diffusion model unit-variance latents: 1 / std."""
-        return 1.0 / self.std
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "scale": self.scale}
-
-
-class LatentMoments:
-    """Running sums of latents per channel in float64; `stats()` pools them over all ranks when distributed."""
-
-    def __init__(self, channels: int) -> None:
-        self.sums = torch.zeros(3, channels, dtype=torch.float64)  # Σz, Σz², count per channel
-        self.num_samples = 0
-
-    def update(self, z: Tensor) -> None:
-        """Add a batch of latents (B, C, h, w)."""
-        self.num_samples += z.shape[0]
-        z = z.detach().to("cpu", torch.float64).transpose(0, 1).flatten(1)  # (C, B·h·w)
-        self.sums += torch.stack([z.sum(1), z.square().sum(1), torch.full_like(z[:, 0], z.shape[1])])
-
-    def stats(self, pool: bool = True) -> LatentStats:
-        """Mean and std over everything seen, on this rank only or (`pool`) over all ranks, which must all call."""
-        sums = self.sums.clone()
-        if pool and dist.is_available() and dist.is_initialized():
-            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            sums = sums.to(device)
-            dist.all_reduce(sums)
-            sums = sums.cpu()
-        total, total_sq, count = sums
-        if float(count.sum()) == 0:
-            raise ValueError("no latents to measure: the data gave no samples")
-        channel_mean = total / count
-        channel_var = (total_sq / count - channel_mean.square()).clamp_min(0)
-        mean = total.sum() / count.sum()
-        var = (total_sq.sum() / count.sum() - mean.square()).clamp_min(1e-24)
-        return LatentStats(
-            mean=float(mean),
-            std=float(var.sqrt()),
-            channel_mean=channel_mean.tolist(),
-            channel_std=channel_var.sqrt().tolist(),
-            num_samples=self.num_samples,
-        )
-
-
-@torch.no_grad()
-def measure_latent_stats(
-    encode: Callable[[Tensor], DiagonalGaussian],
-    batches: Iterable[Tensor],
-    max_samples: int,
-    sample_posterior: bool = True,
-    generator: torch.Generator | None = None,
-    pool: bool = False,
-) -> LatentStats:
-    """Latent statistics over up to `max_samples` images (per rank) from `batches` (B, 3, H, W) in [-1, 1].
-
-    Latents are drawn from the posterior (what stage 2 trains on) unless `sample_posterior` is False. With `pool`,
-    every rank measures its own batches and the statistics are pooled (all ranks must call).
-    """
-    moments: LatentMoments | None = None
-    for images in batches:
-        posterior = encode(images)
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        z = z[: max_samples - (moments.num_samples if moments else 0)]
-        moments = moments or LatentMoments(z.shape[1])
-        moments.update(z)
-        if moments.num_samples >= max_samples:
-            break
-    if moments is None:
-        raise ValueError("no latents to measure: the data gave no samples")
-    return moments.stats(pool)
-
-
-def image_batches(
-    urls: str | Sequence[str],
-    resolution: int,
-    batch_size: int,
-    device="cpu",
-    seed: int = 0,
-    num_workers: int = 2,
-) -> Iterator[Tensor]:
-    """Centre-cropped image batches from one shuffled pass over `urls` (for measuring, not training)."""
-    pipeline = image_text_pipeline(
-        urls,
-        resolution,
-        batch_size,
-        crop="center",
-        split_by_node=False,
-        shuffle_buffer=256,
-        resampled=False,
-        seed=seed,
-        partial_batches=True,
-    )
-    loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers)
-    for batch in loader:
-        yield batch["image"].to(device)
-
-
-def store_latent_stats(
-    ckpt_path: str | os.PathLike,
-    stats: LatentStats,
-    use_shift: bool = False,
-    out: str | os.PathLike | None = None,
-) -> Path:
-    """Write the latent scale (and shift, or 0) and the full statistics into a stage-1 checkpoint's description."""
-    ckpt = load_checkpoint(ckpt_path)
-    bundle = ckpt.get(BUNDLE_KEY) or {}
-    if bundle.get("stage") != "autoencoder":
-        raise ValueError(f"{ckpt_path} is not a stage-1 (autoencoder) checkpoint")
-    bundle.update(latent_description(stats, use_shift))
-    path = Path(out or ckpt_path)
-    atomic_save(ckpt, path)
-    return path
-
-
-def latent_description(stats: LatentStats, use_shift: bool = False) -> dict:
-    """The checkpoint entries stage 2 reads: latent_scale, latent_shift, and the statistics they came from."""
-    return {
-        "latent_scale": stats.scale,
-        "latent_shift": stats.mean if use_shift else 0.0,
-        "latent_stats": stats.as_dict(),
-    }
+from ldm.data.webdataset import ImageDecoder, SkipCounter, TarSamples, expand_urls
 
 
 def cache_info(

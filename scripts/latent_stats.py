@@ -13,7 +13,7 @@ import ldm.utils.hydra_build  # noqa: F401  (registers the config resolvers)
 @hydra.main(config_path="../configs", config_name="latent_stats", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from ldm.inference import load_autoencoder
-    from ldm.latent_cache import image_batches, measure_latent_stats, store_latent_stats
+    from ldm.latent_stats import image_batches, measure_latent_stats, store_latent_stats
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     autoencoder, bundle = load_autoencoder(cfg.ckpt, device)

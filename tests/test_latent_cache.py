@@ -20,15 +20,8 @@ from ldm.data.stream import ResumableLoader
 from ldm.data.synthetic import write_synthetic_shards
 from ldm.data.webdataset import image_text_pipeline
 from ldm.inference import load_autoencoder
-from ldm.latent_cache import (
-    LatentMoments,
-    cache_info,
-    cache_latents,
-    image_batches,
-    measure_latent_stats,
-    shard_name,
-    store_latent_stats,
-)
+from ldm.latent_cache import cache_info, cache_latents, shard_name
+from ldm.latent_stats import LatentMoments, image_batches, measure_latent_stats, store_latent_stats
 from ldm.models import KLAutoencoder
 from ldm.utils.checkpoint import atomic_save, load_bundle
 from ldm.utils.sd_import import stage1_checkpoint

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from ldm.latent_cache import image_batches, latent_description, measure_latent_stats
+from ldm.latent_stats import image_batches, latent_description, measure_latent_stats
 from ldm.models import KLAutoencoder
 from ldm.training.autoencoder_loss import AutoencoderLoss
 from ldm.training.module_base import LDMModuleBase

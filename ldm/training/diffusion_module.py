@@ -16,7 +16,7 @@ from ldm.conditioning import Conditioning, FrozenOpenCLIPTextEncoder
 from ldm.data.masks import InpaintMasks, inpainting_input
 from ldm.diffusion import GaussianDiffusion, drop_conditioning
 from ldm.inference import LatentCodec, TextToImage, is_inpainting_unet, unet_denoiser
-from ldm.latent_cache import LatentMoments
+from ldm.latent_stats import LatentMoments
 from ldm.models import CrossAttentionUNet
 from ldm.models.unet import default_micro_conditioning, micro_conditioning
 from ldm.training.ema import EMA

@@ -97,7 +97,7 @@ def import_sd_vae(
         autoencoder = KLAutoencoder(**config)
         autoencoder.load_state_dict(state_dict, strict=True)
         autoencoder.to(device).eval()
-        from ldm.latent_cache import image_batches, measure_latent_stats
+        from ldm.latent_stats import image_batches, measure_latent_stats
 
         batches = image_batches(measure_on, resolution, batch_size, device=device)
         generator = torch.Generator(device).manual_seed(0)
