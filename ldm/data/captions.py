@@ -19,22 +19,12 @@ The streams add each sample's ``caption_source`` ("none" for the empty prompt); 
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Mapping
 
-from ldm.data.transforms import SampleError
+from ldm.data.transforms import decode_caption, decode_text, parse_json_member
 
 JSON_PREFIX = "json."
-
-
-def _text(value) -> str:
-    if isinstance(value, str):
-        return value.strip()
-    try:
-        return bytes(value).decode("utf-8-sig").strip()
-    except UnicodeDecodeError as exn:
-        raise SampleError("bad_caption", f"caption member is not UTF-8: {exn}") from exn
 
 
 class CaptionMix:
@@ -75,14 +65,11 @@ class CaptionMix:
                 if "json" not in sample:
                     continue
                 if meta is None:
-                    try:
-                        meta = json.loads(sample["json"])
-                    except ValueError as exn:
-                        raise SampleError("bad_caption", f"json does not parse: {exn}") from exn
+                    meta = parse_json_member(sample["json"])
                 value = meta.get(name[len(JSON_PREFIX) :]) if isinstance(meta, dict) else None
                 text = value.strip() if isinstance(value, str) else ""
             else:
-                text = _text(sample[name]) if name in sample else ""
+                text = decode_text(sample[name], name) if name in sample else ""
             if text:
                 found.append((name, weight, text))
         return found
@@ -105,3 +92,14 @@ class CaptionMix:
 
     def __call__(self, sample: Mapping, rng: random.Random) -> str:
         return self.choose(sample, rng)[1]
+
+
+def caption_fields(
+    sample: Mapping, rng: random.Random | None, captions: CaptionMix | None, default: str | None = None
+) -> dict:
+    """The caption entries of a decoded sample: {"caption", "caption_source"} drawn from `captions`, or
+    {"caption"} = the default caption (`default` when the caller has it already, e.g. for its filters)."""
+    if captions is None:
+        return {"caption": decode_caption(sample) if default is None else default}
+    source, text = captions.choose(sample, rng)
+    return {"caption": text, "caption_source": source or "none"}

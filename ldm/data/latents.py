@@ -30,11 +30,11 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ldm.data.buckets import MICRO_KEYS
-from ldm.data.captions import CaptionMix
+from ldm.data.captions import CaptionMix, caption_fields
 from ldm.data.filters import SampleFilter
 from ldm.data.stream import ShardStream
 from ldm.data.transforms import SampleError, decode_caption
-from ldm.data.webdataset import SkipCounter, expand_urls
+from ldm.data.webdataset import SkipCounter, expand_urls, filter_sample
 
 LATENTS_MEMBER = "latents.safetensors"
 CACHE_INFO = "cache_info.json"
@@ -105,18 +105,12 @@ class DecodeLatents:
         """`captions`: draw the caption from these sources with `rng` (the cache keeps every txt/json member).
         `filters`: drop the sample by its json and caption, as for images, before its latents are read; sizes come
         from the json only (the image is not in the cache)."""
-        if filters is not None:
-            reason = filters.reason_to_drop(sample, decode_caption(sample))
-            if reason is not None:
-                raise SampleError(reason, "dropped by the sample filter")
+        default = decode_caption(sample) if filters is not None else None
+        filter_sample(filters, sample, default)
         if LATENTS_MEMBER not in sample:
             raise SampleError("missing_image", f"no .{LATENTS_MEMBER} member")
         out = decode_latents_member(sample[LATENTS_MEMBER])
-        if captions is None:
-            out["caption"] = decode_caption(sample)
-        else:
-            source, out["caption"] = captions.choose(sample, rng)
-            out["caption_source"] = source or "none"
+        out.update(caption_fields(sample, rng, captions, default))
         out["key"] = sample["__key__"]
         return out
 

@@ -153,21 +153,30 @@ def decode_image(data: bytes, min_size: int | None = None, exif_transpose: bool 
         raise SampleError("decode_error", f"{type(exn).__name__}: {exn}") from exn
 
 
+def decode_text(value: bytes | str, name: str = "txt") -> str:
+    """A text member (bytes or str) as stripped UTF-8; SampleError("bad_caption") when it is not UTF-8."""
+    if isinstance(value, str):
+        return value.strip()
+    try:
+        return bytes(value).decode("utf-8-sig").strip()
+    except UnicodeDecodeError as exn:
+        raise SampleError("bad_caption", f"{name} is not UTF-8: {exn}") from exn
+
+
+def parse_json_member(data: bytes | str):
+    """A sample's json member, parsed; SampleError("bad_caption") when it does not parse."""
+    try:
+        return json.loads(data)
+    except ValueError as exn:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise SampleError("bad_caption", f"json does not parse: {exn}") from exn
+
+
 def decode_caption(sample: dict) -> str:
     """Caption from `txt` (UTF-8, stripped), else the `caption` field of `json`, else "" (the null prompt)."""
     if "txt" in sample:
-        text = sample["txt"]
-        if isinstance(text, str):
-            return text.strip()
-        try:
-            return text.decode("utf-8-sig").strip()
-        except UnicodeDecodeError as exn:
-            raise SampleError("bad_caption", f"txt is not UTF-8: {exn}") from exn
+        return decode_text(sample["txt"])
     if "json" in sample:
-        try:
-            meta = json.loads(sample["json"])
-        except ValueError as exn:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise SampleError("bad_caption", f"json does not parse: {exn}") from exn
+        meta = parse_json_member(sample["json"])
         caption = meta.get("caption") if isinstance(meta, dict) else None
         if caption is None:
             return ""

@@ -24,7 +24,7 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
-from ldm.data.captions import CaptionMix
+from ldm.data.captions import CaptionMix, caption_fields
 from ldm.data.filters import FILTER_REASONS, SampleFilter
 from ldm.data.transforms import ImageTransform, SampleError, decode_caption, decode_image
 
@@ -247,21 +247,32 @@ class ImageDecoder:
         image_key = next((k for k in self.image_keys if k in sample), None)
         if image_key is None:
             raise SampleError("missing_image", f"no {'/'.join(self.image_keys)} member")
-        caption = decode_caption(sample)
-        if self.filters is not None:
-            reason = self.filters.reason_to_drop(sample, caption, image_key)
-            if reason is not None:
-                raise SampleError(reason, "dropped by the sample filter")
+        # the default caption, before the image (a sample with a bad one is counted as bad_caption); not needed
+        # when a caption mix replaces it and no filter judges it
+        default = None if self.captions is not None and self.filters is None else decode_caption(sample)
+        filter_sample(self.filters, sample, default, image_key)
         image = decode_image(sample[image_key], min_size=self.transform.resolution)
         try:
             tensor = self.transform(image, rng)
         except Exception as exn:
             raise SampleError("decode_error", f"transform failed: {type(exn).__name__}: {exn}") from exn
-        out = {"image": tensor, "caption": caption, "key": sample["__key__"]}
-        if self.captions is not None:
-            source, out["caption"] = self.captions.choose(sample, rng)
-            out["caption_source"] = source or "none"
-        return out
+        return {
+            "image": tensor,
+            **caption_fields(sample, rng, self.captions, default),
+            "key": sample["__key__"],
+        }
+
+
+def filter_sample(
+    filters: SampleFilter | None, sample: dict, caption: str | None, image_key: str | None = None
+) -> None:
+    """Raise SampleError(<the filter's reason>) for a sample `filters` drop (`caption`: its default caption, which
+    the callers decode whenever there are filters)."""
+    if filters is None:
+        return
+    reason = filters.reason_to_drop(sample, caption, image_key)
+    if reason is not None:
+        raise SampleError(reason, "dropped by the sample filter")
 
 
 class Batch:
