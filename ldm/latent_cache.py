@@ -82,7 +82,7 @@ class _ShardBatches(torch.utils.data.IterableDataset):
     """Whole shards, decoded and cropped, in batches of one image size; each DataLoader worker takes its own shards.
 
     Yields {"url", "image" (B, 3, h, w), "key", "txt", "json", ["original_size", "crop_coords", "target_size"],
-    "last", "skipped"}. With buckets, a shard's images wait in a queue per size and a queue is encoded when full;
+    ["crop_coords_flip"], "last", "skipped"}. With buckets, a shard's images wait in a queue per size and a queue is encoded when full;
     what is left is flushed at the shard's end. The queues hold at most `max_queued` images in all (2 batches;
     beyond, the fullest is encoded at once): many buckets of large images (1024 px: 12.6 MB each in float32, ~30
     buckets) would otherwise hold gigabytes per worker. The final batch of a shard, empty, has "last" set and
@@ -138,7 +138,7 @@ class _ShardBatches(torch.utils.data.IterableDataset):
             "last": last,
             "skipped": dict(skipped or {}),
         }
-        for name in MICRO_KEYS:
+        for name in (*MICRO_KEYS, "crop_coords_flip"):
             if batch and name in batch[0]:
                 out[name] = torch.stack([s[name] for s in batch])
         return out
@@ -176,6 +176,7 @@ def cache_latents(
     progress: bool = True,
     buckets: BucketSpec | Mapping | None = None,
     filters: SampleFilter | Mapping | None = None,
+    flips: bool = False,
 ) -> CacheReport:
     """Encode the shards of `urls` assigned to `rank` (every `world_size`-th) into `out_dir`, one cached shard per
     image shard, same file name. Images are cropped once (`crop`: "center", or one random crop per image, fixed
@@ -187,8 +188,12 @@ def cache_latents(
     `filters` (a `SampleFilter` or its mapping, as `data.filters`) leaves out the samples it drops, counted per
     reason, before their images are decoded.
 
+    `flips` also encodes each image mirrored (the same crop, flipped; with buckets, its crop coordinates counted
+    from the other side, as the image stream gives them), so that training on the cache can flip (`hflip_prob`):
+    twice the encoding and the latent bytes.
+
     `info` (what made the cache, `cache_info`) goes to `out_dir/cache_info.json` with the settings applied here
-    (resolution, crop, buckets: the bucket spec and sizes, or null; filters: their thresholds, or null); rank 0
+    (resolution, crop, buckets: the bucket spec and sizes, or null; filters: their thresholds, or null; flips); rank 0
     writes it, and a cache made with different settings is refused rather than mixed.
     """
     out_dir = Path(out_dir)
@@ -200,6 +205,7 @@ def cache_latents(
         "crop": crop,
         "buckets": _buckets_info(buckets, resolution),
         "filters": None if keep is None else asdict(keep),
+        "flips": bool(flips),
     }
     all_urls = expand_urls(urls)
     names = [shard_name(u) for u in all_urls]
@@ -219,7 +225,7 @@ def cache_latents(
             todo,
             ImageDecoder(transform, filters=keep)
             if buckets is None
-            else BucketDecoder(ImageDecoder(transform, filters=keep)),
+            else BucketDecoder(ImageDecoder(transform, filters=keep), mirror=flips),
             batch_size,
         ),
         batch_size=None,
@@ -234,7 +240,7 @@ def cache_latents(
             writers[url] = (wds.TarWriter(str(tmp)), tmp)
         writer, tmp = writers[url]
         if batch["key"]:
-            _write_batch(writer, batch, autoencoder, text_encoder, device)
+            _write_batch(writer, batch, autoencoder, text_encoder, device, flips)
             report.samples += len(batch["key"])
             size = tuple(batch["image"].shape[-2:])
             report.sizes[size] = report.sizes.get(size, 0) + len(batch["key"])
@@ -268,9 +274,14 @@ def _cache_transform(autoencoder, resolution: int, crop: str, buckets) -> ImageT
     return transform
 
 
-def _write_batch(writer, batch: dict, autoencoder, text_encoder, device) -> None:
-    posterior = autoencoder.encode(batch["image"].to(device))
+def _write_batch(writer, batch: dict, autoencoder, text_encoder, device, flips: bool = False) -> None:
+    images = batch["image"].to(device)
+    posterior = autoencoder.encode(images)
     mean, std = posterior.mean, posterior.std
+    # the mirrored crops (pixels mirrored, as the image stream flips them) in a second pass: memory as without flips
+    if flips:
+        mirrored = autoencoder.encode(images.flip(-1))
+        mean_flip, std_flip = mirrored.mean, mirrored.std
     cond = text_encoder(_captions(batch)) if text_encoder is not None else None
     for i, key in enumerate(batch["key"]):
         text = {}
@@ -281,7 +292,13 @@ def _write_batch(writer, batch: dict, autoencoder, text_encoder, device) -> None
                 "text_mask": None if cond.mask is None else cond.mask[i],
             }
         micro = {name: batch[name][i] for name in MICRO_KEYS if name in batch}
-        sample = {"__key__": key, LATENTS_MEMBER: encode_latents_member(mean[i], std[i], **text, micro=micro)}
+        flipped = None
+        if flips:
+            flipped = {"mean": mean_flip[i], "std": std_flip[i]}
+            if "crop_coords_flip" in batch:
+                flipped["crop_coords"] = batch["crop_coords_flip"][i]
+        member = encode_latents_member(mean[i], std[i], **text, micro=micro, flipped=flipped)
+        sample = {"__key__": key, LATENTS_MEMBER: member}
         for ext in ("txt", "json"):
             if batch[ext][i] is not None:
                 sample[ext] = batch[ext][i]
@@ -294,10 +311,19 @@ def _captions(batch: dict) -> list[str]:
     return [decode_caption({k: v for k, v in m.items() if v is not None}) for m in members]
 
 
-_INFO_KEYS_THAT_MUST_MATCH = ("autoencoder", "resolution", "crop", "buckets", "filters", "text_encoder")
+_INFO_KEYS_THAT_MUST_MATCH = (
+    "autoencoder",
+    "resolution",
+    "crop",
+    "buckets",
+    "filters",
+    "flips",
+    "text_encoder",
+)
 _INFO_DEFAULTS = {
     "buckets": None,
     "filters": None,
+    "flips": False,
 }  # what a cache_info.json written before the keys existed meant
 
 

@@ -45,6 +45,7 @@ def main(cfg: DictConfig) -> None:
         crop=cfg.crop,
         buckets=cfg.buckets,
         filters=cfg.get("filters"),
+        flips=cfg.flips,
     )
     seconds = time.perf_counter() - start
     print(

@@ -20,22 +20,27 @@ from ldm.data.stream import ResumableLoader
 from ldm.data.synthetic import write_synthetic_shards
 from ldm.data.webdataset import image_text_pipeline
 from ldm.inference import load_autoencoder
-from ldm.latent_cache import cache_info, cache_latents, shard_name
+from ldm.latent_cache import shard_name
 from ldm.latent_stats import LatentMoments, image_batches, measure_latent_stats, store_latent_stats
 from ldm.models import KLAutoencoder
 from ldm.utils.checkpoint import atomic_save, load_bundle
 from ldm.utils.sd_import import stage1_checkpoint
 
-from .helpers import compose_train, write_mixed_shards
+from .helpers import compose_train
+from .latent_helpers import (
+    BUCKETS,
+    TINY_AE,
+    cache_members,
+    cache_shards,
+    latent_run,
+    mixed_image_shards,
+    tiny_ae_checkpoint,
+)
 
-TINY_AE = {
-    "_target_": "ldm.models.KLAutoencoder",
-    "base_channels": 16,
-    "channel_mult": [1, 2],
-    "num_res_blocks": 1,
-    "latent_channels": 4,
-    "num_groups": 8,
-}
+
+@pytest.fixture(scope="module")
+def ae_ckpt(tmp_path_factory):
+    return tiny_ae_checkpoint(tmp_path_factory.mktemp("vae"))
 
 
 @pytest.fixture(scope="module")
@@ -43,38 +48,6 @@ def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("images")
     write_synthetic_shards(out, num_samples=40, samples_per_shard=16, resolution=32, seed=1)  # 16 + 16 + 8
     return out
-
-
-@pytest.fixture(scope="module")
-def ae_ckpt(tmp_path_factory):
-    """A stage-1 checkpoint as train.py writes it (random weights: the cache's job is bookkeeping, not quality)."""
-    torch.manual_seed(0)
-    ae = KLAutoencoder(**{k: v for k, v in TINY_AE.items() if k != "_target_"})
-    path = tmp_path_factory.mktemp("vae") / "last.ckpt"
-    arch = {k: v for k, v in TINY_AE.items() if k != "_target_"}
-    atomic_save(stage1_checkpoint(arch, ae.state_dict(), latent_scale=None, resolution=32), path)
-    return path
-
-
-def _cache(ae_ckpt, shards, out, crop="center", buckets=None, **kwargs):
-    ae, bundle = load_autoencoder(ae_ckpt)
-    text_encoder = kwargs.pop("text_encoder", None)
-    resolution = kwargs.pop("resolution", 32)
-    info = cache_info(ae_ckpt, bundle, resolution, crop, text_encoder, str(shards))
-    return cache_latents(
-        ae,
-        str(shards),
-        out,
-        resolution,
-        batch_size=kwargs.pop("batch_size", 6),
-        crop=crop,
-        text_encoder=text_encoder,
-        num_workers=kwargs.pop("num_workers", 0),
-        info=info,
-        progress=False,
-        buckets=buckets,
-        **kwargs,
-    )
 
 
 def test_latent_moments_match_torch_and_pool_batches():
@@ -132,7 +105,9 @@ def test_shard_names():
 
 def test_cache_holds_the_posterior_captions_and_metadata(shards, ae_ckpt, tmp_path):
     out = tmp_path / "cache"
-    reports = [_cache(ae_ckpt, shards, out, rank=r, world_size=2) for r in (0, 1)]  # two processes' shares
+    reports = [
+        cache_shards(ae_ckpt, shards, out, rank=r, world_size=2) for r in (0, 1)
+    ]  # two processes' shares
     assert [r.shards_written for r in reports] == [2, 1] and sum(r.samples for r in reports) == 40
     assert sorted(p.name for p in out.glob("*.tar")) == sorted(p.name for p in shards.glob("*.tar"))
     info = json.loads((out / CACHE_INFO).read_text())
@@ -163,16 +138,16 @@ def test_cache_holds_the_posterior_captions_and_metadata(shards, ae_ckpt, tmp_pa
 
 def test_cache_resumes_and_refuses_other_settings(shards, ae_ckpt, tmp_path):
     out = tmp_path / "cache"
-    _cache(ae_ckpt, shards, out)
+    cache_shards(ae_ckpt, shards, out)
     first, second = sorted(out.glob("*.tar"))[:2]
     before = first.stat().st_mtime_ns
     second.unlink()  # as if the job had been killed before this shard was complete
-    report = _cache(ae_ckpt, shards, out)
+    report = cache_shards(ae_ckpt, shards, out)
     assert (report.shards_written, report.shards_skipped) == (1, 2)
     assert first.stat().st_mtime_ns == before and second.is_file()
     assert not list(out.glob(".*.tmp"))
     with pytest.raises(ValueError, match="different 'resolution'"):
-        _cache(ae_ckpt, shards, out, resolution=16)
+        cache_shards(ae_ckpt, shards, out, resolution=16)
 
 
 def test_corrupt_image_is_skipped_and_counted_when_caching(ae_ckpt, tmp_path):
@@ -184,20 +159,20 @@ def test_corrupt_image_is_skipped_and_counted_when_caching(ae_ckpt, tmp_path):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
-    report = _cache(ae_ckpt, src, tmp_path / "cache")
+    report = cache_shards(ae_ckpt, src, tmp_path / "cache")
     assert report.samples == 2 and report.skipped_samples == {"decode_error": 1}
 
 
 def test_text_encodings_are_cached_only_for_pretrained_encoders(shards, ae_ckpt, tmp_path):
     random_encoder = FrozenOpenCLIPTextEncoder("ldm-tiny-text", pretrained=None)
     with pytest.raises(ValueError, match="pretrained text encoder"):
-        _cache(ae_ckpt, shards, tmp_path / "random", text_encoder=random_encoder)
+        cache_shards(ae_ckpt, shards, tmp_path / "random", text_encoder=random_encoder)
     weights = (
         tmp_path / "open_clip_pytorch_model.bin"
     )  # a "pretrained" tiny CLIP, saved as open_clip ships one
     torch.save(open_clip.create_model("ldm-tiny-text", pretrained=None).state_dict(), weights)
     encoder = FrozenOpenCLIPTextEncoder("ldm-tiny-text", pretrained=str(weights))
-    _cache(ae_ckpt, shards, tmp_path / "cache", text_encoder=encoder)
+    cache_shards(ae_ckpt, shards, tmp_path / "cache", text_encoder=encoder)
     batch = next(iter(latent_pipeline(str(tmp_path / "cache"), 5, shuffle_buffer=0, resampled=False)))
     expected = encoder(batch["caption"])
     torch.testing.assert_close(batch["text_tokens"], expected.tokens, atol=5e-3, rtol=5e-3)
@@ -220,35 +195,18 @@ def test_stage2_trains_from_cached_latents_without_encoding(shards, ae_ckpt, tmp
     from ldm.training.run import train
 
     out = tmp_path / "cache"
-    _cache(ae_ckpt, shards, out)
+    cache_shards(ae_ckpt, shards, out)
 
     def no_encoding(*args, **kwargs):
         raise AssertionError("the autoencoder encoder ran in the training step")
 
     monkeypatch.setattr(KLAutoencoder, "encode", no_encoding)
-    cfg = compose_train(*_latent_run(out, batch_size=8, steps=3), run_dir=str(tmp_path / "run"))
+    cfg = compose_train(*latent_run(out, batch_size=8, steps=3), run_dir=str(tmp_path / "run"))
     result = train(cfg)  # autoencoder_ckpt and resolution come from the cache's cache_info.json
     bundle, _ = load_bundle(result["checkpoint"])
     assert result["global_step"] == 3 and bundle["config"]["data"]["resolution"] == 32
     assert bundle["config"]["autoencoder_ckpt"] == str(ae_ckpt.resolve())
     assert bundle["latent_scale"] > 0
-
-
-def _latent_run(cache, batch_size: int, steps: int) -> list[str]:
-    """Overrides of a tiny stage-2 run on the cached latents in `cache`, logging to CSV, without sample grids."""
-    return [
-        "experiment=tiny",
-        "data=latents",
-        f"data.train_urls={cache}",
-        f"data.batch_size={batch_size}",
-        "data.num_workers=0",
-        f"data.shuffle_buffer={2 * batch_size}",
-        f"trainer.max_steps={steps}",
-        "optim.warmup_steps=1",
-        "logger=csv",
-        "callbacks.sample_grid.every_n_steps=0",
-        "callbacks.sample_grid.at_train_end=false",
-    ]
 
 
 def _png() -> bytes:
@@ -274,36 +232,10 @@ def test_launcher_rank_from_torchrun_then_slurm(monkeypatch):
 
 # ---------------------------------------------------------------- a cache written with aspect-ratio buckets
 
-BUCKETS = {
-    "step": 8,
-    "max_ratio": 2.0,
-}  # at base 32: (40, 24), (32, 32), (24, 40); the tiny autoencoder halves them
-MIXED = [(32, 32), (24, 40), (40, 24), (26, 48), (36, 30)]  # stored (width, height), one per key in turn
-
 
 @pytest.fixture(scope="module")
 def mixed_shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mixed")
-    sizes = {f"{i:09d}": MIXED[i % len(MIXED)] for i in range(30)}
-    originals = write_mixed_shards(out, 3, 10, sizes)  # key → original (h, w): every third from the json
-    return out, sizes, originals
-
-
-def _members(out) -> dict[str, dict]:
-    """key → decoded latents member of every sample of a cache."""
-    return {
-        key: decode_latents_member(data)
-        for path in sorted(out.glob("*.tar"))
-        for key, data in _tar_members(path, "latents.safetensors")
-    }
-
-
-def _tar_members(path, ext):
-    with tarfile.open(path) as tar:
-        for member in tar.getmembers():
-            key, _, member_ext = member.name.partition(".")
-            if member_ext == ext:
-                yield key, tar.extractfile(member).read()
+    return mixed_image_shards(tmp_path_factory.mktemp("mixed"))
 
 
 def test_bucketed_cache_holds_each_image_at_its_bucket_with_micro_conditioning(
@@ -311,7 +243,7 @@ def test_bucketed_cache_holds_each_image_at_its_bucket_with_micro_conditioning(
 ):
     shards, sizes, originals = mixed_shards
     out = tmp_path / "cache"
-    report = _cache(ae_ckpt, shards, out, buckets=BUCKETS, batch_size=4)
+    report = cache_shards(ae_ckpt, shards, out, buckets=BUCKETS, batch_size=4)
     assert report.samples == 30 and report.shards_written == 3
     buckets = make_buckets(32, 8, 2.0)
     assert report.sizes == Counter(nearest_bucket(*size, buckets) for size in sizes.values())
@@ -383,9 +315,9 @@ def test_cache_writer_holds_a_bounded_number_of_images_whatever_the_buckets(mixe
 
 def test_random_crops_of_a_cache_are_fixed_by_the_key(mixed_shards, ae_ckpt, tmp_path):
     shards = mixed_shards[0]
-    _cache(ae_ckpt, shards, tmp_path / "one", crop="random", buckets=BUCKETS)
+    cache_shards(ae_ckpt, shards, tmp_path / "one", crop="random", buckets=BUCKETS)
     for rank in (0, 1):  # two processes' shares, batched differently
-        _cache(
+        cache_shards(
             ae_ckpt,
             shards,
             tmp_path / "two",
@@ -395,7 +327,7 @@ def test_random_crops_of_a_cache_are_fixed_by_the_key(mixed_shards, ae_ckpt, tmp
             world_size=2,
             batch_size=3,
         )
-    one, two = _members(tmp_path / "one"), _members(tmp_path / "two")
+    one, two = cache_members(tmp_path / "one"), cache_members(tmp_path / "two")
     assert sorted(one) == sorted(two) and len(one) == 30
     for key in one:
         assert torch.equal(one[key]["crop_coords"], two[key]["crop_coords"])
@@ -410,17 +342,19 @@ def test_bucketed_cache_refuses_other_buckets_and_sizes_the_autoencoder_cannot_t
 ):
     shards = mixed_shards[0]
     out = tmp_path / "cache"
-    _cache(ae_ckpt, shards, out)  # square
+    cache_shards(ae_ckpt, shards, out)  # square
     with pytest.raises(ValueError, match="different 'buckets'"):
-        _cache(ae_ckpt, shards, out, buckets=BUCKETS)
+        cache_shards(ae_ckpt, shards, out, buckets=BUCKETS)
     with pytest.raises(ValueError, match="multiples of the autoencoder's downsampling"):
-        _cache(ae_ckpt, shards, tmp_path / "odd", buckets={"step": 3})  # the tiny autoencoder downsamples 2×
+        cache_shards(
+            ae_ckpt, shards, tmp_path / "odd", buckets={"step": 3}
+        )  # the tiny autoencoder downsamples 2×
     legacy = json.loads((out / CACHE_INFO).read_text())
     del legacy["buckets"]  # a cache_info.json written before buckets existed was square
     (out / CACHE_INFO).write_text(json.dumps(legacy))
-    assert _cache(ae_ckpt, shards, out).shards_skipped == 3
+    assert cache_shards(ae_ckpt, shards, out).shards_skipped == 3
     with pytest.raises(ValueError, match="different 'buckets'"):
-        _cache(ae_ckpt, shards, out, buckets=BUCKETS)
+        cache_shards(ae_ckpt, shards, out, buckets=BUCKETS)
 
 
 def _latent_loader(urls):
@@ -432,7 +366,7 @@ def test_resumed_bucketed_latent_stream_continues_with_the_next_batches(
     mixed_shards, ae_ckpt, tmp_path, monkeypatch
 ):
     out = tmp_path / "cache"
-    _cache(ae_ckpt, mixed_shards[0], out, buckets=BUCKETS)
+    cache_shards(ae_ckpt, mixed_shards[0], out, buckets=BUCKETS)
     monkeypatch.setenv("WORLD_SIZE", "1")
 
     def consume(loader, n):
@@ -475,9 +409,9 @@ def test_stage2_trains_on_a_bucketed_cache_with_micro_conditioning(mixed_shards,
     from ldm.training.run import train
 
     out = tmp_path / "cache"
-    _cache(ae_ckpt, mixed_shards[0], out, buckets=BUCKETS)
+    cache_shards(ae_ckpt, mixed_shards[0], out, buckets=BUCKETS)
     seen = _BatchShapes()
-    run = [*_latent_run(out, batch_size=3, steps=6), "unet.micro_conditioning=true"]
+    run = [*latent_run(out, batch_size=3, steps=6), "unet.micro_conditioning=true"]
     cfg = compose_train(*run, "trainer.log_every_n_steps=1", run_dir=str(tmp_path / "run"))
     result = train(cfg, extra_callbacks=[seen])
     assert result["global_step"] == 6 and all(seen.micro)
@@ -498,7 +432,7 @@ def test_stage2_trains_on_a_bucketed_cache_with_micro_conditioning(mixed_shards,
         assert step_flops == pytest.approx(flops * h * w / first, rel=1e-6)
 
     odd = tmp_path / "odd"  # 2-px steps: latent sizes the autoencoder gives, but not all the UNet halves
-    _cache(ae_ckpt, mixed_shards[0], odd, buckets={"step": 2})
+    cache_shards(ae_ckpt, mixed_shards[0], odd, buckets={"step": 2})
     cfg = compose_train(*run, f"data.train_urls={odd}", run_dir=str(tmp_path / "run-odd"))
     with pytest.raises(ValueError, match="cache again with buckets.step a multiple of 4"):
         train(cfg)
@@ -519,6 +453,7 @@ def test_cache_cli_applies_crop_and_buckets(mixed_shards, ae_ckpt, tmp_path):
         f"out_dir={tmp_path / 'cli'}",
         "crop=random",
         "buckets={step: 8, max_ratio: 2.0}",
+        "flips=true",
         "batch_size=4",
         "num_workers=0",
         "device=cpu",
@@ -527,18 +462,17 @@ def test_cache_cli_applies_crop_and_buckets(mixed_shards, ae_ckpt, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"3 shards written \(30 samples in \d+ s, [\d.]+ img/s\)", proc.stdout), proc.stdout
     info = json.loads((tmp_path / "cli" / CACHE_INFO).read_text())
-    assert info["crop"] == "random" and info["buckets"]["step"] == 8
+    assert info["crop"] == "random" and info["buckets"]["step"] == 8 and info["flips"] is True
     shares = re.search(r"images per bucket \(h x w\): (.*)", proc.stdout).group(1)
     counts = Counter(nearest_bucket(*size, make_buckets(32, 8, 2.0)) for size in mixed_shards[1].values())
     printed = {
         tuple(map(int, hw.split("x"))): float(pct) for hw, pct in re.findall(r"(\d+x\d+) ([\d.]+) %", shares)
     }
     assert printed == {hw: round(100 * n / 30, 1) for hw, n in counts.items()}
-    _cache(ae_ckpt, shards, tmp_path / "api", crop="random", buckets=BUCKETS)
-    cli, api = _members(tmp_path / "cli"), _members(tmp_path / "api")
-    assert {k: v["crop_coords"].tolist() for k, v in cli.items()} == {
-        k: v["crop_coords"].tolist() for k, v in api.items()
-    }
+    cache_shards(ae_ckpt, shards, tmp_path / "api", crop="random", buckets=BUCKETS, flips=True)
+    cli, api = cache_members(tmp_path / "cli"), cache_members(tmp_path / "api")
+    for name in ("crop_coords", "crop_coords_flip"):
+        assert {k: v[name].tolist() for k, v in cli.items()} == {k: v[name].tolist() for k, v in api.items()}
 
 
 def test_training_and_held_out_caches_must_come_from_the_run_s_encoders(shards, ae_ckpt, tmp_path):
@@ -547,7 +481,7 @@ def test_training_and_held_out_caches_must_come_from_the_run_s_encoders(shards, 
     from ldm.training.run import _adopt_autoencoder_config, _check_cached_text_encoder
 
     ours, other = tmp_path / "ours", tmp_path / "other"
-    _cache(ae_ckpt, shards, ours)
+    cache_shards(ae_ckpt, shards, ours)
     torch.manual_seed(1)
     arch = {**{k: v for k, v in TINY_AE.items() if k != "_target_"}, "base_channels": 8}
     other_ckpt = tmp_path / "other-vae.ckpt"
@@ -555,7 +489,7 @@ def test_training_and_held_out_caches_must_come_from_the_run_s_encoders(shards, 
         stage1_checkpoint(arch, KLAutoencoder(**arch).state_dict(), latent_scale=None, resolution=32),
         other_ckpt,
     )
-    _cache(other_ckpt, shards, other)
+    cache_shards(other_ckpt, shards, other)
 
     def adopt(train, val):
         cfg = compose_train(
@@ -578,7 +512,7 @@ def test_training_and_held_out_caches_must_come_from_the_run_s_encoders(shards, 
     weights = tmp_path / "open_clip_pytorch_model.bin"
     torch.save(open_clip.create_model("ldm-tiny-text", pretrained=None).state_dict(), weights)
     texts = tmp_path / "with-text"
-    _cache(
+    cache_shards(
         ae_ckpt,
         shards,
         texts,

@@ -33,7 +33,7 @@ import json
 import math
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import ExifTags, Image
@@ -102,6 +102,11 @@ class BucketCrop:
     crop: Size
     box: tuple[float, float, float, float]
 
+    def mirrored(self) -> BucketCrop:
+        """The placement of the mirrored output: the same pixels, their left edge now counted from the right."""
+        top, left = self.crop
+        return replace(self, crop=(top, self.resized[1] - self.bucket[1] - left))
+
 
 class BucketTransform:
     """PIL image → (3, h, w) tensor in [-1, 1] at the nearest bucket, resized once (scaled to cover, then cropped).
@@ -153,12 +158,8 @@ class BucketTransform:
         bh, bw = placed.bucket
         flip = self.hflip_prob > 0 and rng.random() < self.hflip_prob
         out = resize_crop(image, placed.box, (bw, bh), self.resample, flip)
-        if flip:  # the crop a flipped image shows is the mirror image of the one taken
-            top, left = placed.crop
-            placed = BucketCrop(
-                placed.size, placed.bucket, placed.resized, (top, placed.resized[1] - bw - left), placed.box
-            )
-        self.last = placed
+        # a flipped image shows the mirror image of the crop taken
+        self.last = placed.mirrored() if flip else placed
         return out
 
 
@@ -166,14 +167,15 @@ class BucketDecoder:
     """An `ImageDecoder` whose transform is a `BucketTransform`, plus the micro-conditioning of each sample:
     raw sample → {"image": (3, h, w), "caption", "key", "original_size", "crop_coords", "target_size"}
     (the last three LongTensors (2,), (h, w) / (top, left) order). Whatever the wrapped decoder checks or
-    filters, it still does."""
+    filters, it still does. `mirror`: also "crop_coords_flip", the crop coordinates of the image mirrored
+    (`image.flip(-1)`), for a latent cache that stores both orientations."""
 
-    def __init__(self, decoder):
+    def __init__(self, decoder, mirror: bool = False):
         if not isinstance(decoder.transform, BucketTransform):
             raise TypeError(
                 f"BucketDecoder needs a decoder with a BucketTransform, not {decoder.transform!r}"
             )
-        self.decoder, self.transform = decoder, decoder.transform
+        self.decoder, self.transform, self.mirror = decoder, decoder.transform, mirror
 
     def __call__(self, sample: dict, rng: random.Random) -> dict:
         self.transform.last = None
@@ -184,6 +186,8 @@ class BucketDecoder:
         original = _original_size(sample, self.decoder.image_keys) or placed.size
         for name, value in zip(MICRO_KEYS, (original, placed.crop, placed.bucket), strict=True):
             out[name] = torch.tensor(value, dtype=torch.long)
+        if self.mirror:
+            out["crop_coords_flip"] = torch.tensor(placed.mirrored().crop, dtype=torch.long)
         return out
 
 

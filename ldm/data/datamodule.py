@@ -104,7 +104,7 @@ class ImageTextDataModule(_ShardDataModule):
         **loader_settings,
     ):
         super().__init__(train_urls, batch_size, val_urls, captions, **loader_settings)
-        self.resolution, self.crop, self.hflip_prob = resolution, crop, hflip_prob
+        self.resolution, self.crop, self.hflip_prob = resolution, crop, _probability("hflip_prob", hflip_prob)
         self.filters = SampleFilter.build(filters)
         self.remote = {"shard_retries": shard_retries, "retry_backoff": retry_backoff}
         self.buckets = dict(buckets) if buckets is not None else None  # training only: val stays square
@@ -154,7 +154,8 @@ class CachedLatentDataModule(_ShardDataModule):
 
     `resolution` is that of the images the cache was made from; null takes it from the cache's `cache_info.json`.
     `captions` and `filters` as for images (the cache keeps every txt and json member of its image shards); a
-    filter's sizes come from the json only.
+    filter's sizes come from the json only. `hflip_prob` mirrors training samples (never held-out ones) by taking
+    the latents of the mirrored image, which a cache written with `flips=true` holds.
     """
 
     provides = "latents"
@@ -166,10 +167,11 @@ class CachedLatentDataModule(_ShardDataModule):
         resolution: int | None = None,
         captions: Mapping | None = None,
         filters: SampleFilter | Mapping | None = None,
+        hflip_prob: float = 0.0,
         **loader_settings,
     ):
         super().__init__(train_urls, batch_size, captions=captions, **loader_settings)
-        self.resolution = resolution
+        self.resolution, self.hflip_prob = resolution, _probability("hflip_prob", hflip_prob)
         self.filters = SampleFilter.build(filters)
 
     def cache_info(self) -> dict | None:
@@ -186,6 +188,7 @@ class CachedLatentDataModule(_ShardDataModule):
                 round_shards=self.round_shards,
                 captions=self.captions,
                 filters=self.filters,
+                hflip_prob=self.hflip_prob,
             ),
             resumable=True,
         )
@@ -205,3 +208,9 @@ class CachedLatentDataModule(_ShardDataModule):
                 filters=self.filters,
             )
         )
+
+
+def _probability(name: str, value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"data.{name} must be in [0, 1], got {value}")
+    return float(value)

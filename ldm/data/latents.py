@@ -6,10 +6,16 @@ shard keeps the keys, captions and json metadata of its image shard and replaces
     <key>.latents.safetensors   mean, std: (C, h, w) fp16 — the diagonal-Gaussian posterior q(z | x), unscaled
                                 text_tokens (L, D), text_pooled (P,), text_mask (L,) uint8 — only when text is cached
                                 original_size, crop_coords, target_size (2,) int64 — only in a bucketed cache
+                                mean_flip, std_flip (C, h, w) fp16 — the posterior of the mirrored image, and
+                                crop_coords_flip (2,) int64 when bucketed — only in a cache written with flips
 
 In a cache written with aspect-ratio buckets (`ldm.data.buckets`) each image was encoded at its own bucket, so
 (h, w) varies between samples; the stream batches by shape, so every batch is one bucket, and the SDXL
 micro-conditioning of each sample travels with it.
+
+A latent cannot be mirrored after the fact (an autoencoder is not flip-equivariant: the mirrored latent is not the
+latent of the mirrored image), so a cache written with `flips=true` encodes both orientations and the stream picks
+one per visit (`hflip_prob`), as the image stream flips its pixels.
 
 Latents are stored before the latent scale/shift is applied, so re-measuring the scale never invalidates a cache.
 The folder also holds `cache_info.json`, written by `ldm.latent_cache`: what made the cache (autoencoder checkpoint,
@@ -47,14 +53,26 @@ def encode_latents_member(
     text_pooled: torch.Tensor | None = None,
     text_mask: torch.Tensor | None = None,
     micro: Mapping[str, torch.Tensor] | None = None,
+    flipped: Mapping[str, torch.Tensor] | None = None,
 ) -> bytes:
     """One sample's cached tensors as safetensors bytes (floats in fp16, the mask as uint8); `micro`: the
-    bucketed sample's `MICRO_KEYS` sizes, stored as int64."""
+    bucketed sample's `MICRO_KEYS` sizes, stored as int64; `flipped`: the mirrored image's {"mean", "std"} and,
+    when bucketed, its {"crop_coords"}, stored with a `_flip` suffix."""
     tensors = {"mean": mean.half(), "std": std.half()}
     for name, value in (micro or {}).items():
         if name not in MICRO_KEYS:
             raise ValueError(f"unknown micro-conditioning entry {name!r}; expected {MICRO_KEYS}")
         tensors[name] = torch.as_tensor(value).long()
+    if flipped is not None:
+        if set(flipped) - {"mean", "std", "crop_coords"} or not {"mean", "std"} <= set(flipped):
+            raise ValueError(
+                f"flipped needs mean and std (and crop_coords if bucketed), got {sorted(flipped)}"
+            )
+        if ("crop_coords" in flipped) != ("crop_coords" in tensors):
+            raise ValueError("flipped crop_coords go with a bucketed sample's micro-conditioning only")
+        tensors["mean_flip"], tensors["std_flip"] = flipped["mean"].half(), flipped["std"].half()
+        if "crop_coords" in flipped:
+            tensors["crop_coords_flip"] = torch.as_tensor(flipped["crop_coords"]).long()
     if text_tokens is not None:
         tensors["text_tokens"] = text_tokens.half()
     if text_pooled is not None:
@@ -65,7 +83,8 @@ def encode_latents_member(
 
 
 def decode_latents_member(data: bytes) -> dict[str, torch.Tensor]:
-    """Inverse of `encode_latents_member`: float32 features (mask as bool), keyed as in the training batch."""
+    """Inverse of `encode_latents_member`: float32 features (mask as bool), keyed as in the training batch; the
+    mirrored image's, when cached, as "latent_mean_flip", "latent_std_flip" and "crop_coords_flip"."""
     try:
         tensors = load_safetensors(data)
     except Exception as exn:
@@ -81,15 +100,38 @@ def decode_latents_member(data: bytes) -> dict[str, torch.Tensor]:
     for name in MICRO_KEYS:
         if name in tensors:
             out[name] = tensors[name].long()
+    if "mean_flip" in tensors and "std_flip" in tensors:
+        out["latent_mean_flip"] = tensors["mean_flip"].float()
+        out["latent_std_flip"] = tensors["std_flip"].float()
+        if "crop_coords_flip" in tensors:
+            out["crop_coords_flip"] = tensors["crop_coords_flip"].long()
     return out
+
+
+_FLIPPED = ("latent_mean", "latent_std", "crop_coords")  # what a mirrored sample replaces (`<name>_flip`)
+
+
+def _choose_orientation(out: dict, rng: random.Random | None, hflip_prob: float) -> None:
+    """Keep the cached latents, or with probability `hflip_prob` those of the mirrored image; drop the other."""
+    flipped = {name: out.pop(f"{name}_flip") for name in _FLIPPED if f"{name}_flip" in out}
+    if hflip_prob <= 0:
+        return
+    if not flipped:
+        raise SampleError(
+            "decode_error",
+            f"data.hflip_prob={hflip_prob}, but the cache holds no mirrored latents: cache the images again with "
+            "flips=true (scripts/cache_latents.py) or set data.hflip_prob=0",
+        )
+    if (rng if rng is not None else random.Random()).random() < hflip_prob:
+        out.update(flipped)
 
 
 class DecodeLatents:
     """Raw cached samples → {"latent_mean", "latent_std", ["text_*"], [micro-conditioning], "caption", "key"};
     bad ones counted.
 
-    No augmentation: an autoencoder is not flip-equivariant, so a mirrored latent is not the latent of the
-    mirrored image. Crops and flips are fixed when the cache is written.
+    Crops are fixed when the cache is written. Flips (`hflip_prob`) need a cache written with `flips=true`, which
+    holds the latents of both orientations: a mirrored latent is not the latent of the mirrored image.
     """
 
     def __init__(self, counter: SkipCounter):
@@ -101,15 +143,18 @@ class DecodeLatents:
         rng: random.Random | None = None,
         captions: CaptionMix | None = None,
         filters: SampleFilter | None = None,
+        hflip_prob: float = 0.0,
     ) -> dict:
         """`captions`: draw the caption from these sources with `rng` (the cache keeps every txt/json member).
         `filters`: drop the sample by its json and caption, as for images, before its latents are read; sizes come
-        from the json only (the image is not in the cache)."""
+        from the json only (the image is not in the cache). `hflip_prob`: take the mirrored image's latents (and
+        crop coordinates) with this probability, drawn with `rng` before the caption, as the image stream does."""
         default = decode_caption(sample) if filters is not None else None
         filter_sample(filters, sample, default)
         if LATENTS_MEMBER not in sample:
             raise SampleError("missing_image", f"no .{LATENTS_MEMBER} member")
         out = decode_latents_member(sample[LATENTS_MEMBER])
+        _choose_orientation(out, rng, hflip_prob)
         out.update(caption_fields(sample, rng, captions, default))
         out["key"] = sample["__key__"]
         return out
@@ -138,18 +183,20 @@ def latent_pipeline(
     log_every: int = 1000,
     captions: CaptionMix | Mapping | None = None,
     filters: SampleFilter | Mapping | None = None,
+    hflip_prob: float = 0.0,
 ) -> ShardStream:
     """Batches from cached-latent shards: {"latent_mean": (B, C, h, w), "latent_std", "caption", "key", ...},
     with "text_tokens" / "text_pooled" / "text_mask" when the cache holds the text encoding, and
     "original_size" / "crop_coords" / "target_size" (B, 2) when it was written with buckets (each batch is then
     one bucket: samples are batched by shape). `captions` draws each caption from several sources, as for
-    images (`ldm.data.captions`); `filters` drops samples by their json and caption (`ldm.data.filters`). Same shard
+    images (`ldm.data.captions`); `filters` drops samples by their json and caption (`ldm.data.filters`);
+    `hflip_prob` mirrors samples, given a cache written with flips (`DecodeLatents.decode`). Same shard
     handling (resampling, splitting, shuffling, skip counting, exact resume) as `image_text_pipeline`."""
     mix, keep = CaptionMix.build(captions), SampleFilter.build(filters)
     keep = keep if keep is not None and keep.active else None
     return ShardStream(
         urls,
-        functools.partial(DecodeLatents.decode, captions=mix, filters=keep),
+        functools.partial(DecodeLatents.decode, captions=mix, filters=keep, hflip_prob=hflip_prob),
         batch_size,
         resampled=resampled,
         shuffle_buffer=shuffle_buffer,

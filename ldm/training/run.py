@@ -396,6 +396,12 @@ def _adopt_autoencoder_config(cfg: DictConfig) -> None:
                 f"{info['resolution']} px: cache the images at {cfg.data.resolution} px (scripts/cache_latents.py "
                 f"resolution={cfg.data.resolution}) or set data.resolution={info['resolution']}"
             )
+    if cfg.data.get("hflip_prob") and cache is not None and not cache.get("flips"):
+        raise ValueError(
+            f"data.hflip_prob={cfg.data.hflip_prob}, but the latents in {cfg.data.train_urls} were cached without "
+            "their mirror images (a latent cannot be flipped after the fact): cache again with flips=true "
+            "(scripts/cache_latents.py) or set data.hflip_prob=0"
+        )
     with open_dict(cfg):
         cfg.autoencoder = OmegaConf.create(bundle["config"]["autoencoder"])
     if cfg.data.get("resolution") is None:
