@@ -6,6 +6,7 @@ The module orchestrates; the math lives in `ldm.diffusion`, the networks in `ldm
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -19,9 +20,13 @@ from ldm.inference import LatentCodec, TextToImage, is_inpainting_unet, unet_den
 from ldm.latent_stats import LatentMoments
 from ldm.models import CrossAttentionUNet
 from ldm.models.unet import default_micro_conditioning, micro_conditioning
-from ldm.training.ema import EMA
+from ldm.training.ema import EMA, PowerEMA
+from ldm.training.fsdp import is_sharded
 from ldm.training.module_base import LDMModuleBase
 from ldm.training.optim import AdamWSettings
+from ldm.training.posthoc_ema import sigma_rel_to_gamma
+
+log = logging.getLogger(__name__)
 
 
 class DiffusionModule(LDMModuleBase):
@@ -43,6 +48,7 @@ class DiffusionModule(LDMModuleBase):
         val_timesteps: int = 10,
         val_seed: int = 0,
         val_use_ema: bool = True,
+        posthoc_ema: Sequence[float] | None = None,
         config: dict | None = None,
     ) -> None:
         super().__init__(optim=optim, config=config)
@@ -58,6 +64,10 @@ class DiffusionModule(LDMModuleBase):
                 f"{unet.out_channels} output channels (an inpainting UNet takes 2 C + 1: x_t, mask, masked latents)"
             )
         self.ema = EMA(unet, decay=ema_decay, warmup=ema_warmup)
+        # post-hoc EMA: power-function averages of these relative widths, snapshotted by PostHocEMASnapshots
+        self.posthoc_ema = (
+            PowerEMA(unet, [sigma_rel_to_gamma(s) for s in posthoc_ema]) if posthoc_ema else None
+        )
         self._captions_checked = self._captions_truncated = 0
         self.denoise = unet_denoiser(self.unet)
         if val_timesteps < 0 or val_timesteps > diffusion.num_timesteps:
@@ -74,6 +84,14 @@ class DiffusionModule(LDMModuleBase):
         """What `strategy=fsdp` shards: the UNet and its EMA copy (sharded alike, so the EMA update stays local
         to each rank's shard). The frozen text encoder and autoencoder stay whole on every rank."""
         return [self.unet, self.ema.module]
+
+    def configure_model(self) -> None:
+        if self.posthoc_ema is not None and self._trainer is not None and is_sharded(self.trainer.strategy):
+            raise ValueError(
+                "stage.posthoc_ema is not supported under strategy=fsdp yet (its averages would need sharding and "
+                "their snapshots a gather): train with DDP, or set stage.posthoc_ema=null"
+            )
+        super().configure_model()
 
     # --- training -------------------------------------------------------------------------------------------
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
@@ -155,6 +173,8 @@ class DiffusionModule(LDMModuleBase):
         # module's, and must see the EMA of the step they save; with accumulation, once per optimizer step
         if not self.skipped_last_step:  # a step skipped for NaN/inf gradients left the weights as they were
             self.ema.update(self.unet)
+            if self.posthoc_ema is not None:
+                self.posthoc_ema.update(self.unet)
 
     # --- validation: a held-out loss that moves only when the weights do ---------------------------------------
     def validation_timesteps(self) -> list[int]:
@@ -260,9 +280,20 @@ class DiffusionModule(LDMModuleBase):
         self.complete_state_dict(checkpoint["state_dict"])
 
     def complete_state_dict(self, state: dict) -> None:
-        """A checkpoint without the pretrained text encoder's weights gets this module's (loaded from its tag)."""
+        """A checkpoint without the pretrained text encoder's weights gets this module's (loaded from its tag).
+        Post-hoc EMA switched on or off between a run and its resume: its averages start now, or are dropped."""
         if not any(k.startswith("text_encoder.") for k in state):
             state.update({f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()})
+        saved = [k for k in state if k.startswith("posthoc_ema.")]
+        if self.posthoc_ema is None and saved:
+            log.warning("the checkpoint has post-hoc EMA averages, but stage.posthoc_ema is off: dropped")
+            for key in saved:
+                del state[key]
+        elif self.posthoc_ema is not None and not saved:
+            log.warning(
+                "stage.posthoc_ema is on, but the checkpoint has no averages: they start at this step"
+            )
+            state.update({f"posthoc_ema.{k}": v for k, v in self.posthoc_ema.state_dict().items()})
 
 
 def validation_seed(key: str, seed: int = 0) -> int:
