@@ -69,6 +69,10 @@ def _command(setup, run_dir: Path, hold_at: int | None = None, strategy: str = "
             ]
         ),
         "callbacks.model_checkpoint.every_n_train_steps=1000",
+        # post-hoc EMA: its averages resume with the rest (sharded under FSDP), snapshots every 4 steps
+        "stage.posthoc_ema=[0.05,0.1]",
+        "callbacks.posthoc_ema.every_n_steps=4",
+        "callbacks.posthoc_ema.dtype=float32",
         f"+callbacks.sample_log={{_target_: ldm.training.resume.SampleLogCallback, dir: {run_dir}/samples}}",
         # every run here meets a NaN batch on rank 1 alone at step 2 (_assert_nan_step_skipped_on_both)
         f"+callbacks.poison={{_target_: tests.callbacks.PoisonBatches, steps: [{NAN_STEP}], ranks: [1]}}",
@@ -185,6 +189,26 @@ def _assert_same_samples(reference: Path, run: Path) -> None:
         assert len({line["pid"] for line in lines}) == 2  # two processes: before and after the preemption
 
 
+def _assert_same_snapshots(reference: Path, run: Path, atol: float) -> None:
+    """The post-hoc EMA snapshots (steps 4, 8, 12 and the end; the one at 4 written before the preemption) hold
+    the reference's averages; t leaves out the NaN step."""
+    from safetensors.torch import load_file
+
+    from ldm.training.posthoc_ema import find_snapshots
+
+    ours, theirs = (find_snapshots(r / "checkpoints" / "posthoc_ema") for r in (run, reference))
+    assert (
+        [(s.step, s.t) for s in ours]
+        == [(s.step, s.t) for s in theirs]
+        == [(4, 3), (8, 7), (12, 11), (14, 13)]
+    )
+    for a, b in zip(ours, theirs, strict=True):
+        tensors_a, tensors_b = load_file(a.path), load_file(b.path)
+        assert tensors_a.keys() == tensors_b.keys()
+        for name, value in tensors_b.items():
+            torch.testing.assert_close(tensors_a[name], value, rtol=0, atol=atol, msg=name)
+
+
 def test_preempted_ddp_run_resumes_exactly(setup, reference, tmp_path):
     run = tmp_path / "preempted"
     _, second = _preempt_and_resume(setup, run, "ddp")
@@ -209,6 +233,8 @@ def test_preempted_ddp_run_resumes_exactly(setup, reference, tmp_path):
     assert [s["samples_seen"] for s in speed] == [MAX_STEPS * 16, MAX_STEPS * 16, 4 * 16]
     assert speed[0]["flops_per_batch"] > 0 and speed[1]["flops_per_batch"] == speed[2]["flops_per_batch"]
 
+    _assert_same_snapshots(reference, run, atol=0)
+
     # one W&B run across the preemption: both offline run dirs carry the id of run_dir/wandb_id.txt
     _assert_nan_step_skipped_on_both(reference)
     _assert_nan_step_skipped_on_both(run)
@@ -225,6 +251,8 @@ def test_preempted_fsdp_run_resumes_and_matches_ddp(setup, reference, tmp_path):
     run = tmp_path / "fsdp"
     first, second = _preempt_and_resume(setup, run, "fsdp")
     assert "FSDP: sharded CrossAttentionUNet (" in first and "over DeviceMesh" in first
+    sharded = next(line for line in first.splitlines() if "FSDP: sharded" in line)
+    assert sharded.count("CrossAttentionUNet (") == 4  # the UNet, its EMA and the two post-hoc EMA averages
     assert "resuming from" in second and "hpc_ckpt_1.ckpt" in second
     _assert_same_samples(reference, run)
     assert (run / "samples" / f"step_{MAX_STEPS:07d}.png").is_file()  # the grid, written by rank 0 only
@@ -241,6 +269,7 @@ def test_preempted_fsdp_run_resumes_and_matches_ddp(setup, reference, tmp_path):
     at_4 = torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True, map_location="cpu")["state_dict"]
     moved = max((b["state_dict"][k] - v).abs().max() for k, v in at_4.items() if k.startswith("unet."))
     assert moved > 1e-3  # steps 5-14 moved the weights far more than the tolerance
+    _assert_same_snapshots(reference, run, atol=1e-5)  # gathered from the shards by both ranks
     oa, ob = a["optimizer_states"][0], b["optimizer_states"][0]
     assert [g["params"] for g in oa["param_groups"]] == [g["params"] for g in ob["param_groups"]]
     for i, sa in oa["state"].items():

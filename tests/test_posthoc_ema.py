@@ -218,8 +218,3 @@ def test_post_hoc_ema_switched_on_at_a_resume_starts_there(cache, tmp_path):
     _run(cache, tmp_path / "run", 4, "stage.posthoc_ema=[0.1]", f"ckpt_path={first['checkpoint']}")
     snapshots = find_snapshots(tmp_path / "run" / "checkpoints" / "posthoc_ema")
     assert [(s.step, s.t) for s in snapshots] == [(4, 2)]  # its time counts from the resume
-
-
-def test_fsdp_refuses_post_hoc_ema(cache, tmp_path):
-    with pytest.raises(ValueError, match="posthoc_ema is not supported under strategy=fsdp"):
-        _run(cache, tmp_path / "run", 2, "stage.posthoc_ema=[0.1]", "strategy=fsdp")

@@ -21,7 +21,6 @@ from ldm.latent_stats import LatentMoments
 from ldm.models import CrossAttentionUNet
 from ldm.models.unet import default_micro_conditioning, micro_conditioning
 from ldm.training.ema import EMA, PowerEMA
-from ldm.training.fsdp import is_sharded
 from ldm.training.module_base import LDMModuleBase
 from ldm.training.optim import AdamWSettings
 from ldm.training.posthoc_ema import sigma_rel_to_gamma
@@ -81,17 +80,10 @@ class DiffusionModule(LDMModuleBase):
         return self.unet
 
     def sharded_networks(self) -> list[torch.nn.Module]:
-        """What `strategy=fsdp` shards: the UNet and its EMA copy (sharded alike, so the EMA update stays local
+        """What `strategy=fsdp` shards: the UNet and its EMA copies (sharded alike, so the EMA updates stay local
         to each rank's shard). The frozen text encoder and autoencoder stay whole on every rank."""
-        return [self.unet, self.ema.module]
-
-    def configure_model(self) -> None:
-        if self.posthoc_ema is not None and self._trainer is not None and is_sharded(self.trainer.strategy):
-            raise ValueError(
-                "stage.posthoc_ema is not supported under strategy=fsdp yet (its averages would need sharding and "
-                "their snapshots a gather): train with DDP, or set stage.posthoc_ema=null"
-            )
-        super().configure_model()
+        averages = list(self.posthoc_ema.averages) if self.posthoc_ema is not None else []
+        return [self.unet, self.ema.module, *averages]
 
     # --- training -------------------------------------------------------------------------------------------
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ldm.training.ema import PowerEMA
+from ldm.training.fsdp import full_tensor, is_sharded
 from ldm.utils.checkpoint import BUNDLE_KEY, CONTENTS_KEY, WEIGHTS_ONLY, load_bundle
 
 log = logging.getLogger(__name__)
@@ -98,18 +99,24 @@ class Snapshot:
     gammas: tuple[float, ...]
 
 
-def save_snapshot(power_ema: PowerEMA, path: str | os.PathLike, step: int, dtype=torch.float16) -> Path:
+def save_snapshot(
+    power_ema: PowerEMA, path: str | os.PathLike | None, step: int, dtype=torch.float16
+) -> Path | None:
     """Every average of `power_ema` in one safetensors file (`<k>.<parameter>` for exponent k, floats in `dtype`),
-    written to a temporary file and renamed; the metadata holds the step, t and the exponents."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    written to a temporary file and renamed; the metadata holds the step, t and the exponents. Sharded (FSDP)
+    averages are gathered tensor by tensor, a collective: every rank calls this, and those with `path` None only
+    take part in the gathers."""
     tensors = {}
     for k, average in enumerate(power_ema.averages):
         for name, value in average.state_dict().items():
-            value = value.detach()
-            tensors[f"{k}.{name}"] = (
-                (value.to(dtype) if value.is_floating_point() else value).cpu().contiguous()
-            )
+            value = full_tensor(value.detach())
+            if path is not None:
+                value = value.to(dtype) if value.is_floating_point() else value
+                tensors[f"{k}.{name}"] = value.cpu().contiguous()
+    if path is None:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "format": SNAPSHOT_FORMAT,
         "step": str(int(step)),
@@ -189,7 +196,8 @@ def reconstruct(
 # --- during training ----------------------------------------------------------------------------------------------
 class PostHocEMASnapshots(L.Callback):
     """Writes the module's `posthoc_ema` (a `PowerEMA`; nothing when it has none) to
-    `dirpath/step-<step>.safetensors` every `every_n_steps` optimizer steps and at the end of training, on rank 0.
+    `dirpath/step-<step>.safetensors` every `every_n_steps` optimizer steps and at the end of training, on rank 0
+    (under FSDP every rank takes part in gathering the shards).
     `dtype`: the snapshots' float type (float16 halves the bytes of float32; the reconstruction sums in float32).
     """
 
@@ -212,14 +220,13 @@ class PostHocEMASnapshots(L.Callback):
             self._save(trainer, pl_module)
 
     def _save(self, trainer, pl_module) -> None:
-        self._last_step = trainer.global_step
+        self._last_step = step = trainer.global_step
         power_ema = getattr(pl_module, "posthoc_ema", None)
-        if power_ema is None or not trainer.is_global_zero:
+        if power_ema is None or not (trainer.is_global_zero or is_sharded(trainer.strategy)):
             return
-        path = save_snapshot(
-            power_ema, snapshot_path(self.dirpath, trainer.global_step), trainer.global_step, self.dtype
-        )
-        log.info("post-hoc EMA snapshot %s (t = %d)", path, power_ema.updates)
+        path = snapshot_path(self.dirpath, step) if trainer.is_global_zero else None
+        if save_snapshot(power_ema, path, step, self.dtype) is not None:
+            log.info("post-hoc EMA snapshot %s (t = %d)", path, power_ema.updates)
 
 
 # --- after training -----------------------------------------------------------------------------------------------
