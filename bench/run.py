@@ -7,6 +7,7 @@ docs/benchmarks.md (machine, versions, command).
     python bench/run.py diffusers    # our UNet vs diffusers.UNet2DConditionModel of the same widths (bench/diffusers_unet.py)
     python bench/run.py loader       # data-loader throughput (bench/loader.py)
     python bench/run.py fsdp         # training state and memory per rank, DDP vs strategy=fsdp (bench/fsdp_memory.py)
+    python bench/run.py ema          # EMA and post-hoc EMA update per step, snapshot size and write time
     python bench/run.py all          # all of the above
     python bench/run.py lease --budget 420   # a GPU lease's run: the SD2-size cases first, whatever fits the budget
     python bench/run.py <mode> --quick   # a smoke run in seconds: tiny size, 2 iterations; JSON to /tmp, no markdown
@@ -322,6 +323,72 @@ def mode_fsdp(args) -> tuple[list[dict], list[str]]:
     return results, rows + [""] + notes
 
 
+def _timed_ms(fn, device: torch.device, n: int) -> float:
+    """Mean milliseconds of `fn()` over `n` calls, after one untimed call."""
+    fn()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / n * 1e3
+
+
+def _ema_costs(size: str, device: torch.device, reps: int) -> dict:
+    from bench.train_step import unet_kwargs
+    from ldm.models import CrossAttentionUNet
+    from ldm.training.ema import EMA, PowerEMA
+    from ldm.training.posthoc_ema import save_snapshot, sigma_rel_to_gamma
+
+    unet = CrossAttentionUNet(**unet_kwargs(size)).to(device)
+    ema = EMA(unet)
+    power = PowerEMA(unet, [sigma_rel_to_gamma(0.05), sigma_rel_to_gamma(0.10)])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "step-00000001.safetensors"
+        snapshot_ms = _timed_ms(lambda: save_snapshot(power, path, 1), device, 1)
+        snapshot_gb = path.stat().st_size / 1e9
+    return {
+        "size": size,
+        "params": sum(p.numel() for p in unet.parameters()),
+        "device": device.type,
+        "ema_ms": _timed_ms(lambda: ema.update(unet), device, reps),
+        "posthoc_ms": _timed_ms(lambda: power.update(unet), device, reps),
+        "snapshot_ms": snapshot_ms,
+        "snapshot_gb": snapshot_gb,
+    }
+
+
+def mode_ema(args) -> tuple[list[dict], list[str]]:
+    """Per optimizer step: the EMA update and the post-hoc EMA's (two power-function averages); every N steps, a
+    snapshot of them (float16 safetensors): time and bytes, nothing else running."""
+    device = torch.device("cuda" if _on_gpu() else "cpu")
+    reps = 2 if args.quick else 10
+    results = []
+    for size in args.ema_sizes:
+        results.append(_ema_costs(size, device, reps))
+        r = results[-1]
+        print(
+            f"  {size}: EMA {r['ema_ms']:.1f} ms, post-hoc {r['posthoc_ms']:.1f} ms, snapshot "
+            f"{r['snapshot_gb']:.2f} GB in {r['snapshot_ms']:.0f} ms",
+            flush=True,
+        )
+    rows = [
+        "| size | params (M) | EMA update (ms) | post-hoc EMA update, 2 averages (ms) | snapshot (GB) | snapshot write (s) |",
+        "|" + " --- |" * 6,
+    ]
+    for r in results:
+        rows.append(
+            f"| {r['size']} | {r['params'] / 1e6:.1f} | {r['ema_ms']:.1f} | {r['posthoc_ms']:.1f} "
+            f"| {r['snapshot_gb']:.2f} | {r['snapshot_ms'] / 1e3:.1f} |"
+        )
+    notes = [
+        f"Updates: mean of {reps} after one untimed, fp32 weights on the {device.type}. Snapshot: both averages as "
+        "float16 safetensors on local disk (written, fsynced, renamed), copied to the host first on a GPU."
+    ]
+    return results, rows + [""] + notes
+
+
 MODES = {
     "train": ("UNet training step", mode_train),
     "fastpaths": ("Fast paths on/off", mode_fastpaths),
@@ -329,6 +396,7 @@ MODES = {
     "diffusers": ("Our UNet vs diffusers UNet2DConditionModel", mode_diffusers),
     "loader": ("Data-loader throughput", mode_loader),
     "fsdp": ("Training state per rank: DDP vs strategy=fsdp", mode_fsdp),
+    "ema": ("EMA and post-hoc EMA cost per step", mode_ema),
 }
 
 
@@ -415,6 +483,9 @@ def main() -> None:
     )
     parser.add_argument("--diffusers-sizes", default=None, help="diffusers: sizes (default: tiny,mid)")
     parser.add_argument("--fsdp-sizes", default=None, help="fsdp: sizes (default: mid on CPU, sd2 on GPU)")
+    parser.add_argument(
+        "--ema-sizes", default=None, help="ema: sizes (default: tiny,mid,sd2 on CPU, sd2 on GPU)"
+    )
     parser.add_argument("--batch", type=int, default=None, help="override every size's default batch")
     parser.add_argument("--iters", type=int, default=None, help="timed steps per case (default 10, quick 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3, quick 1)")
@@ -444,6 +515,7 @@ def main() -> None:
     args.sample_sizes = split(args.sample_sizes, "sd2" if gpu and not quick else "tiny")
     args.diffusers_sizes = split(args.diffusers_sizes, "tiny" if quick else "tiny,mid")
     args.fsdp_sizes = split(args.fsdp_sizes, "tiny" if quick else ("sd2" if gpu else "mid"))
+    args.ema_sizes = split(args.ema_sizes, "tiny" if quick else ("sd2" if gpu else "tiny,mid,sd2"))
     args.samplers = split(args.samplers, "")
     args.iters = args.iters or (2 if quick else (5 if lease else 10))
     args.warmup = args.warmup if args.warmup is not None else (1 if quick else (2 if lease else 3))

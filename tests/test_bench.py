@@ -280,3 +280,14 @@ def test_fsdp_bench_holds_half_the_training_state_on_each_of_two_ranks():
     # FSDP splits each tensor along dim 0 and rank 0 takes the larger part of an odd split
     assert 0.5 <= result["state_gb"] * 2**30 / ddp_bytes < 0.52
     assert result["step_ms"] > 0
+
+
+def test_ema_mode_measures_both_averages_and_a_float16_snapshot(tmp_path):
+    cmd = [sys.executable, "bench/run.py", "ema", "--quick", "--json-dir", str(tmp_path), "--markdown", ""]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = json.loads((tmp_path / "ema.json").read_text())["results"]
+    assert result["size"] == "tiny" and result["ema_ms"] > 0 and result["posthoc_ms"] > 0
+    # two averages of every parameter at 2 bytes each, plus the file's header
+    assert result["snapshot_gb"] * 1e9 == pytest.approx(2 * 2 * result["params"], rel=0.02)
+    assert "| tiny |" in proc.stdout

@@ -137,6 +137,12 @@ def test_snapshots_of_two_widths_give_the_ema_of_any_width(tmp_path):
     )
     with pytest.raises(ValueError, match="no snapshot at step 510"):
         reconstruct(snapshots, 0.1, 510)
+    (tmp_path / "step-00001050.safetensors").write_bytes(b"\x00" * 10)  # damaged: named, not skipped
+    with pytest.raises(ValueError, match="step-00001050.safetensors is not a readable snapshot"):
+        find_snapshots(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no post-hoc EMA snapshots"):
+        find_snapshots(tmp_path / "empty")
 
 
 # --- a training run -----------------------------------------------------------------------------------------------

@@ -126,6 +126,11 @@ def save_snapshot(
     }
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # on disk before the rename makes it visible, as atomic_save does
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
     return path
 
@@ -146,8 +151,13 @@ def find_snapshots(folders: str | os.PathLike | Iterable[str | os.PathLike]) -> 
         for path in sorted(folder.iterdir()):
             if not _SNAPSHOT_NAME.match(path.name):
                 continue
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata() or {}
+            except Exception as exn:
+                raise ValueError(
+                    f"{path} is not a readable snapshot ({exn}); move it out of the folder"
+                ) from exn
             if meta.get("format") != SNAPSHOT_FORMAT:
                 raise ValueError(f"{path} is not a post-hoc EMA snapshot (format {meta.get('format')!r})")
             snap = Snapshot(path, int(meta["step"]), int(meta["t"]), tuple(json.loads(meta["gammas"])))
