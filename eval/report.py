@@ -48,6 +48,38 @@ def plot_sweep(results: list[dict], path: str | os.PathLike) -> Path:
     return path
 
 
+def plot_checkpoints(points: list[dict], path: str | os.PathLike) -> Path:
+    """FID (CLIP score without a reference) per checkpoint, one line per guidance scale: against the EMA width when
+    every checkpoint is a post-hoc EMA (scripts/posthoc_ema.py), else in the order given, named."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = "fid" if all(p.get("fid") is not None for p in points) else "clip_score"
+    widths = [(p.get("posthoc_ema") or {}).get("sigma_rel") for p in points]
+    by_width = all(w is not None for w in widths)
+    names = list(dict.fromkeys(p["name"] for p in points))
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for scale in dict.fromkeys(p["guidance_scale"] for p in points):
+        mine = [(w, p) for w, p in zip(widths, points, strict=True) if p["guidance_scale"] == scale]
+        x = [w if by_width else names.index(p["name"]) for w, p in mine]
+        ax.plot(x, [p[metric] for _, p in mine], "o-", label=f"w={scale:g}")
+    if by_width:
+        ax.set_xlabel("post-hoc EMA width sigma_rel")
+    else:
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="FID" if metric == "fid" else "CLIP score", title=f"{len(names)} checkpoints")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _flat(prefix: str, obj, out: dict) -> dict:
     if isinstance(obj, dict):
         for k, v in obj.items():

@@ -7,13 +7,15 @@ the body of `eval/fid.py` and `eval/clip_score.py`: plain arguments in, JSON fil
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -153,7 +155,7 @@ class Evaluator:
 class EvalSettings:
     """The keys of configs/eval.yaml (less `sampler`); see the comments there."""
 
-    ckpt: str
+    ckpt: str | list[str]  # one checkpoint, a glob pattern or a list: several are evaluated in turn
     prompts: str | list[str] | None = None
     captions_from: str | list[str] | None = None
     num_images: int = 10000
@@ -191,19 +193,76 @@ class EvalSettings:
 
 def run_evaluation(settings: EvalSettings, sampler, sampler_config: dict | None = None) -> list[dict]:
     """Evaluate `settings.ckpt` at each guidance scale; rank 0 writes `result.json` (or, for a sweep, one
-    `result_cfg<scale>.json` per scale, `sweep.json` and `fid_vs_clip.png`). Returns the results (on every
-    process; only rank 0 writes). Joins the process group the environment describes (torchrun, srun)."""
+    `result_cfg<scale>.json` per scale, `sweep.json` and `fid_vs_clip.png`). Several checkpoints (a list or a
+    glob pattern, e.g. the post-hoc EMA widths of a run) are evaluated in turn with the same captions, seeds,
+    reference statistics and scoring models, each into `out_dir/<checkpoint name>/`, and `checkpoints.json` and
+    `fid_by_checkpoint.png` compare them. Returns the results (on every process; only rank 0 writes). Joins the
+    process group the environment describes (torchrun, srun)."""
     owns_group = not is_distributed()
     ctx = init_distributed()
     try:
-        return _evaluate_checkpoint(settings, sampler, sampler_config, ctx)
+        paths = checkpoint_paths(settings.ckpt)
+        if len(paths) == 1:
+            return _evaluate_checkpoint(replace(settings, ckpt=paths[0]), sampler, sampler_config, ctx, {})
+        return _evaluate_checkpoints(settings, paths, sampler, sampler_config, ctx)
     finally:
         if owns_group and is_distributed():
             torch.distributed.destroy_process_group()
 
 
+def checkpoint_paths(ckpt: str | Sequence[str]) -> list[str]:
+    """The checkpoint files of `ckpt`: a path, a glob pattern (its matches, sorted) or a list of these."""
+    paths: list[str] = []
+    for item in [ckpt] if isinstance(ckpt, str | os.PathLike) else list(ckpt):
+        item = str(item)
+        if glob.has_magic(item):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise FileNotFoundError(f"no checkpoint matches {item!r}")
+            paths += matches
+        else:
+            paths.append(item)
+    if not paths:
+        raise ValueError("ckpt names no checkpoint")
+    return paths
+
+
+def _evaluate_checkpoints(
+    s: EvalSettings, paths: list[str], sampler, sampler_config: dict | None, ctx: DistContext
+) -> list[dict]:
+    from eval.report import plot_checkpoints, write_json
+
+    stems = [Path(p).stem for p in paths]
+    names = stems if len(set(stems)) == len(stems) else [f"{i:02d}-{stem}" for i, stem in enumerate(stems)]
+    evaluators: dict = {}  # built once per resolution: reference statistics, Inception, CLIP
+    results, points = [], []
+    for path, name in zip(paths, names, strict=True):
+        one = replace(
+            s,
+            ckpt=path,
+            out_dir=str(Path(s.out_dir) / name),
+            wandb_name=f"{s.wandb_name}-{name}" if s.wandb_name else None,
+        )
+        for result in _evaluate_checkpoint(one, sampler, sampler_config, ctx, evaluators):
+            results.append(result)
+            points.append(
+                {
+                    "checkpoint": path,
+                    "name": name,
+                    "guidance_scale": result["guidance_scale"],
+                    "posthoc_ema": result["checkpoint"].get("posthoc_ema"),
+                    **result["metrics"],
+                }
+            )
+    if ctx.is_main:
+        write_json({"points": points, "results": results}, Path(s.out_dir) / "checkpoints.json")
+        plot_checkpoints(points, Path(s.out_dir) / "fid_by_checkpoint.png")
+    barrier()
+    return results
+
+
 def _evaluate_checkpoint(
-    s: EvalSettings, sampler, sampler_config: dict | None, ctx: DistContext
+    s: EvalSettings, sampler, sampler_config: dict | None, ctx: DistContext, evaluators: dict
 ) -> list[dict]:
     from eval.report import plot_sweep, wandb_summary, write_json
     from ldm.inference import TextToImage
@@ -212,24 +271,10 @@ def _evaluate_checkpoint(
     pipe, bundle = TextToImage.from_checkpoint(s.ckpt, use_ema=s.use_ema, device=device)
     height, width = s.height or pipe.image_size[0], s.width or pipe.image_size[1]
     captions = load_captions(s.prompts, s.captions_from, s.num_images)
-    evaluator = Evaluator.build(
-        device=device,
-        reference=s.reference,
-        resolution=s.reference_resolution or min(height, width),
-        reference_num_images=s.reference_num_images,
-        reference_cache_dir=s.reference_cache_dir,
-        reference_batch_size=s.reference_batch_size,
-        inception_weights=s.inception_weights,
-        resize=s.resize,
-        kid_subsets=s.kid_subsets,
-        kid_subset_size=s.kid_subset_size,
-        isc_splits=s.isc_splits,
-        rng_seed=s.rng_seed,
-        clip_model=s.clip_model,
-        clip_pretrained=s.clip_pretrained,
-        clip_cache_dir=s.clip_cache_dir,
-        ctx=ctx,
-    )
+    resolution = s.reference_resolution or min(height, width)
+    if resolution not in evaluators:
+        evaluators[resolution] = _build_evaluator(s, resolution, device, ctx)
+    evaluator = evaluators[resolution]
     out_dir = Path(s.out_dir)
     scales = [float(g) for g in (s.guidance_scales or [s.guidance_scale])]
     sweep = s.guidance_scales is not None
@@ -269,6 +314,7 @@ def _evaluate_checkpoint(
                 "path": str(Path(s.ckpt).resolve()),
                 "name": (bundle.get("config") or {}).get("name"),
                 "text_encoder": (bundle.get("text_encoder") or {}).get("model_name"),
+                **({"posthoc_ema": _posthoc(bundle)} if "posthoc_ema" in bundle else {}),
             },
             "run": _run_info(ctx, device, time.perf_counter() - start),
         }
@@ -285,6 +331,33 @@ def _evaluate_checkpoint(
             wandb_summary(results, out_dir, s.wandb_project, s.wandb_name, s.wandb_offline, plot, asdict(s))
     barrier()
     return results
+
+
+def _build_evaluator(s: EvalSettings, resolution: int, device: torch.device, ctx: DistContext) -> Evaluator:
+    return Evaluator.build(
+        device=device,
+        reference=s.reference,
+        resolution=resolution,
+        reference_num_images=s.reference_num_images,
+        reference_cache_dir=s.reference_cache_dir,
+        reference_batch_size=s.reference_batch_size,
+        inception_weights=s.inception_weights,
+        resize=s.resize,
+        kid_subsets=s.kid_subsets,
+        kid_subset_size=s.kid_subset_size,
+        isc_splits=s.isc_splits,
+        rng_seed=s.rng_seed,
+        clip_model=s.clip_model,
+        clip_pretrained=s.clip_pretrained,
+        clip_cache_dir=s.clip_cache_dir,
+        ctx=ctx,
+    )
+
+
+def _posthoc(bundle: dict) -> dict:
+    """How a post-hoc EMA checkpoint was made (scripts/posthoc_ema.py), without the per-snapshot detail."""
+    made = bundle["posthoc_ema"]
+    return {k: made[k] for k in ("sigma_rel", "step", "residual") if k in made}
 
 
 def _sweep_points(results: list[dict]) -> list[dict]:

@@ -87,6 +87,8 @@ def trained(shards, weights, tmp_path_factory):
         "trainer.max_steps=4",
         "logger=csv",
         "callbacks.sample_grid=null",
+        "stage.posthoc_ema=[0.05,0.1]",  # snapshots at steps 2 and 4: post-hoc EMA checkpoints to compare
+        "callbacks.posthoc_ema.every_n_steps=2",
         "callbacks.eval.every_n_steps=3",
         f"callbacks.eval.prompts=[{','.join(PROMPTS)}]",
         f"callbacks.eval.reference={shards[1]}",
@@ -481,3 +483,48 @@ def test_two_processes_give_the_one_process_numbers(trained, shards, weights, tm
     fresh = load_reference(next(tmp_path.glob("fid_reference_*.npz")))
     cached = load_reference(next(Path(weights["cache"]).glob("fid_reference_*.npz")))
     np.testing.assert_allclose(fresh.features, cached.features, rtol=0, atol=1e-6)
+
+
+def test_checkpoint_paths_expand_patterns_and_lists(tmp_path):
+    from eval.runner import checkpoint_paths
+
+    for name in ("b.ckpt", "a.ckpt", "c.txt"):
+        (tmp_path / name).write_text("")
+    assert checkpoint_paths(str(tmp_path / "a.ckpt")) == [str(tmp_path / "a.ckpt")]
+    assert checkpoint_paths(str(tmp_path / "*.ckpt")) == [str(tmp_path / "a.ckpt"), str(tmp_path / "b.ckpt")]
+    both = checkpoint_paths([str(tmp_path / "c.txt"), str(tmp_path / "*.ckpt")])
+    assert both == [str(tmp_path / n) for n in ("c.txt", "a.ckpt", "b.ckpt")]
+    with pytest.raises(FileNotFoundError, match="no checkpoint matches"):
+        checkpoint_paths(str(tmp_path / "*.pt"))
+
+
+@pytest.mark.slow
+def test_several_checkpoints_score_as_they_would_alone(trained, shards, weights, tmp_path, sweep):
+    """ckpt=[last, a post-hoc EMA of it]: each is scored into out_dir/<name>/ exactly as a run of its own would
+    (the reference statistics, Inception and CLIP built once change nothing), and checkpoints.json and the plot
+    compare them, with the EMA width of the post-hoc one."""
+    from ldm.training.posthoc_ema import find_snapshots, posthoc_checkpoint
+    from ldm.utils.checkpoint import atomic_save
+
+    last = Path(trained["checkpoint"])
+    snapshots = find_snapshots(last.parent / "posthoc_ema")
+    wide = tmp_path / "posthoc" / "sigma_rel-0.200.ckpt"
+    atomic_save(posthoc_checkpoint(last, snapshots, 0.2)[0], wide)
+    args = [
+        a
+        for a in _eval_args(trained, shards, weights, tmp_path / "out", "guidance_scale=3")
+        if "ckpt=" not in a
+    ]
+    run_cli(["eval/fid.py", f"ckpt=[{last},{wide}]", *args])
+    out = tmp_path / "out"
+    alone = json.loads((sweep / "result_cfg3.json").read_text())["metrics"]
+    ours = json.loads((out / "last" / "result.json").read_text())
+    for key, value in alone.items():
+        assert ours["metrics"][key] == pytest.approx(value, rel=1e-9), key
+    theirs = json.loads((out / "sigma_rel-0.200" / "result.json").read_text())
+    assert theirs["checkpoint"]["posthoc_ema"]["sigma_rel"] == 0.2 and "posthoc_ema" not in ours["checkpoint"]
+    assert theirs["metrics"]["fid"] != ours["metrics"]["fid"]  # other weights, other images
+    points = json.loads((out / "checkpoints.json").read_text())["points"]
+    assert [p["name"] for p in points] == ["last", "sigma_rel-0.200"]
+    assert points[1]["fid"] == theirs["metrics"]["fid"] and points[1]["posthoc_ema"]["step"] == 4
+    assert (out / "fid_by_checkpoint.png").stat().st_size > 0
