@@ -33,7 +33,6 @@ from types import SimpleNamespace
 from typing import Literal
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from ldm.conditioning.convert_openclip import hf_clip_text, write_clip_tokenizer
@@ -48,7 +47,7 @@ from ldm.models.convert_unet import (
 )
 from ldm.models.convert_vae import WRAPPER_PREFIX as COMPVIS_VAE_PREFIX
 from ldm.models.convert_vae import diffusers_vae_config, ldm_to_diffusers
-from ldm.utils.checkpoint import CONTENTS_KEY, WEIGHTS_ONLY, load_bundle, submodule_state
+from ldm.utils.checkpoint import CONTENTS_KEY, WEIGHTS_ONLY, load_bundle, save_safetensors, submodule_state
 from ldm.utils.sd_config import COMPVIS_TEXT_PREFIX, compvis_schedule, sd_inference_config
 
 Format = Literal["diffusers", "sd"]
@@ -241,12 +240,12 @@ def _write_diffusers(parts: ExportedParts, root: Path, dtype: torch.dtype) -> di
             root / name / "config.json",
             {"_class_name": cls, "_diffusers_version": DIFFUSERS_VERSION, **config},
         )
-        save_file(_cast(state, dtype), root / name / "diffusion_pytorch_model.safetensors")
+        save_safetensors(_cast(state, dtype), root / name / "diffusion_pytorch_model.safetensors")
     scheduler = scheduler_config(parts)
     _write_json(root / "scheduler" / "scheduler_config.json", scheduler)
     text_config, text_state = hf_clip_text(parts.text_identity, parts.text_state())
     _write_json(root / "text_encoder" / "config.json", text_config)
-    save_file(_cast(text_state, dtype), root / "text_encoder" / "model.safetensors")
+    save_safetensors(_cast(text_state, dtype), root / "text_encoder" / "model.safetensors")
     write_clip_tokenizer(root / "tokenizer", parts.text_identity, text_config["max_position_embeddings"])
     model_index = {
         "_class_name": "StableDiffusionPipeline",
@@ -323,7 +322,7 @@ def _write_sd(parts: ExportedParts, out: Path, dtype: torch.dtype) -> dict:
     yaml_path = out.with_suffix(".yaml")
     tmp, tmp_yaml = (p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in (out, yaml_path))
     try:
-        save_file(_cast(state, dtype), tmp, metadata=metadata)
+        save_safetensors(_cast(state, dtype), tmp, metadata=metadata)
         tmp_yaml.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         os.replace(tmp, out)
         os.replace(tmp_yaml, yaml_path)

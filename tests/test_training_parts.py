@@ -1,7 +1,9 @@
 """EMA, optimizer schedule, checkpoint I/O: the pieces of training that do not need a Trainer."""
 
 import math
+import os
 import pickle
+import stat
 
 import pytest
 import torch
@@ -161,3 +163,21 @@ def test_bundle_errors_and_submodule_state(tmp_path):
         load_checkpoint(tmp_path / "missing.ckpt")
     state = load_checkpoint(plain)["state_dict"]
     assert submodule_state(state, "ema.module") == {"w": torch.zeros(1)}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoint_files_get_the_permissions_of_any_new_file(tmp_path, umask):
+    """A lab shares its runs: checkpoints and safetensors files are readable as the umask allows, not owner-only
+    (mkstemp's temporary files and safetensors' save_file both make 0600 files)."""
+    from ldm.utils.checkpoint import file_mode, save_safetensors
+
+    old = os.umask(umask)
+    try:
+        assert file_mode() == 0o666 & ~umask
+        atomic_save({"x": torch.zeros(2)}, tmp_path / "a.ckpt")
+        save_safetensors({"x": torch.zeros(2)}, tmp_path / "b.safetensors")
+        (tmp_path / "plain").write_text("")  # what open() gives
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"a.ckpt": 0o666 & ~umask, "b.safetensors": 0o666 & ~umask, "plain": 0o666 & ~umask}

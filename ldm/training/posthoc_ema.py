@@ -27,11 +27,11 @@ import lightning as L
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ldm.training.ema import PowerEMA
 from ldm.training.fsdp import full_tensor, is_sharded
-from ldm.utils.checkpoint import BUNDLE_KEY, CONTENTS_KEY, WEIGHTS_ONLY, load_bundle
+from ldm.utils.checkpoint import BUNDLE_KEY, CONTENTS_KEY, WEIGHTS_ONLY, load_bundle, save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def save_snapshot(
         "sigma_rels": json.dumps([gamma_to_sigma_rel(g) for g in power_ema.gammas]),
     }
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
+    save_safetensors(tensors, tmp, metadata=metadata)
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)  # on disk before the rename makes it visible, as atomic_save does

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 BUNDLE_KEY = "ldm"  # where a checkpoint keeps its self-description (config, latent scale, text encoder …)
 FORMAT_VERSION = 1
@@ -15,15 +16,40 @@ CONTENTS_KEY = "contents"  # in the bundle: absent for a full (resumable) checkp
 WEIGHTS_ONLY = "weights_only"  # a weights-only checkpoint: EMA UNet / autoencoder for sampling and evaluation
 
 
+def file_mode() -> int:
+    """The permissions a new file gets from open(): 0o666 less the process umask (read from /proc on Linux, so the
+    umask is never changed, not even for an instant)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None
+) -> None:
+    """safetensors' `save_file`, with the permissions any new file gets: `save_file` makes its files readable by
+    their owner only, which hides checkpoints and exports from the rest of a lab sharing the folder."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, file_mode())
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the target directory, fsync, then rename over `path`.
 
-    A crash mid-write leaves the previous file intact; readers never see a half-written checkpoint.
+    A crash mid-write leaves the previous file intact; readers never see a half-written checkpoint. The file gets
+    the permissions of any new file (umask), not the owner-only ones of the temporary file it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
