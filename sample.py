@@ -14,9 +14,8 @@ import ldm.utils.hydra_build  # noqa: F401  (registers the config resolvers)
 
 @hydra.main(config_path="configs", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from ldm.inference import TextToImage, read_prompts
-    from ldm.sampling import generate, late_start_warning, prepare_job, reproduce_settings, write_samples
-    from ldm.utils.images import save_png, to_pil
+    from ldm.sampling import reproduce_settings, write_comparison
+    from ldm.utils.checkpoint import checkpoint_names, checkpoint_paths
 
     batch = None
     if cfg.reproduce:
@@ -25,7 +24,25 @@ def main(cfg: DictConfig) -> None:
         cfg = OmegaConf.merge(cfg, {k: v for k, v in settings.items() if k != "sampler"})
         cfg.sampler = settings["sampler"]
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    pipe, _ = TextToImage.from_checkpoint(cfg.ckpt, use_ema=cfg.use_ema, device=device)
+    paths = checkpoint_paths(cfg.ckpt)
+    if len(paths) > 1:
+        if batch:
+            raise ValueError("reproduce= rebuilds an image of one checkpoint; ckpt names several")
+        names = checkpoint_names(paths)
+        for path, name in zip(paths, names, strict=True):
+            _sample(cfg, path, device, f"{cfg.out_dir}/{name}")
+        compare = write_comparison(cfg.out_dir, names, paths)
+        print(f"comparison of {len(paths)} checkpoints written to {compare}")
+        return
+    _sample(cfg, paths[0], device, cfg.out_dir, batch)
+
+
+def _sample(cfg: DictConfig, ckpt: str, device: str, out_dir: str, batch: dict | None = None) -> None:
+    from ldm.inference import TextToImage, read_prompts
+    from ldm.sampling import generate, late_start_warning, prepare_job, write_samples
+    from ldm.utils.images import save_png, to_pil
+
+    pipe, _ = TextToImage.from_checkpoint(ckpt, use_ema=cfg.use_ema, device=device)
     sampler = instantiate(cfg.sampler)
     if warning := late_start_warning(pipe.diffusion, sampler):
         print(f"warning: {warning}")
@@ -62,20 +79,20 @@ def main(cfg: DictConfig) -> None:
         )
         path = save_png(
             to_pil(images[batch["index"]].cpu()),
-            f"{cfg.out_dir}/reproduced.png",
+            f"{out_dir}/reproduced.png",
             {"reproduces": str(cfg.reproduce)},
         )
         print(f"image written to {path}")
         return
     extra = {
-        "checkpoint": str(cfg.ckpt),
+        "checkpoint": str(ckpt),
         "use_ema": cfg.use_ema,
     }
     grid = write_samples(
         pipe,
         job,
         sampler=sampler,
-        out_dir=cfg.out_dir,
+        out_dir=out_dir,
         num_per_prompt=cfg.num_per_prompt,
         grid_cols=cfg.grid_cols,
         guidance_scale=cfg.guidance_scale,

@@ -7,14 +7,12 @@ the body of `eval/fid.py` and `eval/clip_score.py`: plain arguments in, JSON fil
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import math
 import os
 import platform
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -43,6 +41,7 @@ from eval.generate import (
     plan_batches,
 )
 from eval.reference import reference_stats
+from ldm.utils.checkpoint import checkpoint_names, checkpoint_paths
 
 log = logging.getLogger(__name__)
 
@@ -210,30 +209,12 @@ def run_evaluation(settings: EvalSettings, sampler, sampler_config: dict | None 
             torch.distributed.destroy_process_group()
 
 
-def checkpoint_paths(ckpt: str | Sequence[str]) -> list[str]:
-    """The checkpoint files of `ckpt`: a path, a glob pattern (its matches, sorted) or a list of these."""
-    paths: list[str] = []
-    for item in [ckpt] if isinstance(ckpt, str | os.PathLike) else list(ckpt):
-        item = str(item)
-        if glob.has_magic(item):
-            matches = sorted(glob.glob(item))
-            if not matches:
-                raise FileNotFoundError(f"no checkpoint matches {item!r}")
-            paths += matches
-        else:
-            paths.append(item)
-    if not paths:
-        raise ValueError("ckpt names no checkpoint")
-    return paths
-
-
 def _evaluate_checkpoints(
     s: EvalSettings, paths: list[str], sampler, sampler_config: dict | None, ctx: DistContext
 ) -> list[dict]:
     from eval.report import plot_checkpoints, write_json
 
-    stems = [Path(p).stem for p in paths]
-    names = stems if len(set(stems)) == len(stems) else [f"{i:02d}-{stem}" for i, stem in enumerate(stems)]
+    names = checkpoint_names(paths)
     evaluators: dict = {}  # built once per resolution: reference statistics, Inception, CLIP
     results, points = [], []
     for path, name in zip(paths, names, strict=True):

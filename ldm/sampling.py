@@ -250,6 +250,29 @@ def write_samples(
     )
 
 
+def write_comparison(out_dir: str | os.PathLike, names: Sequence[str], checkpoints: Sequence[str]) -> Path:
+    """`out_dir/compare.png`: a row per checkpoint (`out_dir/<name>/images/`, as `write_samples` wrote them, the
+    same prompts and seeds for each), labelled with its name, for telling checkpoints apart at a glance."""
+    out_dir = Path(out_dir)
+    files = [sorted((out_dir / name / "images").glob("*.png")) for name in names]
+    if len({tuple(f.name for f in row) for row in files}) != 1:
+        raise ValueError("the checkpoints' samples differ in prompts or seeds; nothing to compare row by row")
+    images = [
+        torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1) / 255
+        for row in files
+        for f in row
+    ]
+    grid = labelled_grid(torch.stack(images), len(files[0]), list(names))
+    first = read_png_metadata(files[0][0]) if files[0] else {}
+    meta = {
+        "checkpoints": [str(c) for c in checkpoints],
+        "rows": list(names),
+        "cells": [f.name for f in files[0]],
+        **{k: first[k] for k in ("sampler", "steps", "guidance_scale", "height", "width") if k in first},
+    }
+    return save_png(grid, out_dir / "compare.png", meta)
+
+
 def generate(
     pipe: TextToImage,
     job: Job,

@@ -486,7 +486,7 @@ def test_two_processes_give_the_one_process_numbers(trained, shards, weights, tm
 
 
 def test_checkpoint_paths_expand_patterns_and_lists(tmp_path):
-    from eval.runner import checkpoint_paths
+    from ldm.utils.checkpoint import checkpoint_paths
 
     for name in ("b.ckpt", "a.ckpt", "c.txt"):
         (tmp_path / name).write_text("")

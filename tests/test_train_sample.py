@@ -566,3 +566,36 @@ def test_inpainting_unet_starts_from_a_text_to_image_checkpoint(ldm_run, vae_run
         )
     weight = module.unet.input_blocks[0][0].weight
     assert (weight[:, 4:] == 0).all() and (weight[:, :4] != 0).any()
+
+
+def test_sample_cli_compares_several_checkpoints(ldm_run, tmp_path):
+    """ckpt=<glob>: the weights snapshots of steps 2 and 4, each sampled into out_dir/<name>/ with the same prompts
+    and seeds, and compare.png with a labelled row per checkpoint made of exactly those images."""
+    result, _ = ldm_run
+    weights = Path(result["run_dir"]) / "checkpoints" / "weights"
+    out = tmp_path / "cmp"
+    stdout = _run_sample(
+        f"ckpt={weights}/step_*.ckpt",
+        "prompts=[a red circle on a blue background,a green square on a white background]",
+        "num_per_prompt=2",
+        "sampler.num_steps=2",
+        f"out_dir={out}",
+    )
+    assert "comparison of 2 checkpoints written to" in stdout
+    names = ["step_0000002", "step_0000004"]
+    rows = [sorted((out / n / "images").glob("*.png")) for n in names]
+    assert [[p.name for p in row] for row in rows] == [
+        ["000_000000.png", "000_000001.png", "001_000000.png", "001_000001.png"]
+    ] * 2
+    assert read_png_metadata(rows[1][0])["checkpoint"] == str(weights / "step_0000004.ckpt")
+    assert not np.array_equal(_pixels(rows[0][0]), _pixels(rows[1][0]))  # two steps apart: other weights
+    compare = _pixels(out / "compare.png")
+    meta = read_png_metadata(out / "compare.png")
+    assert meta["rows"] == names and meta["cells"] == [p.name for p in rows[0]]
+    # each row's tiles are that checkpoint's images, upscaled 3× (nearest) into 96-px cells, 2 px apart
+    row_height = (compare.shape[0] - 2) // 2
+    for r, row in enumerate(rows):
+        for c, path in enumerate(row):
+            tile = np.repeat(np.repeat(_pixels(path), 3, axis=0), 3, axis=1)
+            y, x = 2 + r * row_height, 2 + c * 98
+            np.testing.assert_array_equal(compare[y : y + 96, x : x + 96], tile)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +86,27 @@ def submodule_state(state_dict: dict, prefix: str) -> dict:
     """The entries of `state_dict` under `prefix.` with the prefix stripped."""
     prefix = prefix.rstrip(".") + "."
     return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def checkpoint_paths(ckpt: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """The checkpoint files `ckpt` names: a path, a glob pattern (its matches, sorted) or a list of these, in order
+    (`sample.py` and `eval/` take several to compare)."""
+    paths: list[str] = []
+    for item in [ckpt] if isinstance(ckpt, str | os.PathLike) else list(ckpt):
+        item = str(item)
+        if glob.has_magic(item):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise FileNotFoundError(f"no checkpoint matches {item!r}")
+            paths += matches
+        else:
+            paths.append(item)
+    if not paths:
+        raise ValueError("ckpt names no checkpoint")
+    return paths
+
+
+def checkpoint_names(paths: Sequence[str]) -> list[str]:
+    """Short distinct names for output folders: the file stems, numbered when two are alike (`last` of two runs)."""
+    stems = [Path(p).stem for p in paths]
+    return stems if len(set(stems)) == len(stems) else [f"{i:02d}-{stem}" for i, stem in enumerate(stems)]
