@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from quickstart import HELD_OUT_PROMPTS, SEEN_PROMPTS  # noqa: E402
 
-from bench.samplers import adherence  # noqa: E402
+from bench.samplers import _percent, adherence  # noqa: E402
 from ldm.training.posthoc_ema import find_snapshots, posthoc_checkpoint  # noqa: E402
 from ldm.training.run import build_module  # noqa: E402
 from ldm.utils.checkpoint import load_bundle, submodule_state  # noqa: E402
@@ -135,10 +135,6 @@ def main() -> None:
             f"| {r['weights']} | {width} | {fit} | {r['val_loss']:.4f} | {_percent(r['adherence']['seen'])} "
             f"| {_percent(r['adherence']['held-out'])} |"
         )
-
-
-def _percent(group: dict) -> str:
-    return f"{group['color']:.0%} / {group['background']:.0%} / {group['shape']:.0%}"
 
 
 if __name__ == "__main__":

@@ -40,12 +40,7 @@ def plot_sweep(results: list[dict], path: str | os.PathLike) -> Path:
     ax.set(xlabel=xlabel, ylabel="FID", title=f"guidance sweep, {protocol['num_images']} images")
     ax.grid(alpha=0.3)
     ax.ticklabel_format(useOffset=False)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_checkpoints(points: list[dict], path: str | os.PathLike) -> Path:
@@ -72,6 +67,12 @@ def plot_checkpoints(points: list[dict], path: str | os.PathLike) -> Path:
     ax.set(ylabel="FID" if metric == "fid" else "CLIP score", title=f"{len(names)} checkpoints")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig, path: str | os.PathLike) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

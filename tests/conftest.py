@@ -59,3 +59,19 @@ def vae_ckpt(tmp_path_factory) -> str:
         stage1_checkpoint(arch, KLAutoencoder(**arch).state_dict(), latent_scale=1.0, resolution=32), path
     )
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def ae_ckpt(tmp_path_factory):
+    """The latent-cache tests' tiny stage-1 checkpoint (random weights: a cache's job is bookkeeping)."""
+    from tests.latent_helpers import tiny_ae_checkpoint
+
+    return tiny_ae_checkpoint(tmp_path_factory.mktemp("vae"))
+
+
+@pytest.fixture(scope="module")
+def mixed_shards(tmp_path_factory):
+    """Image shards of mixed sizes and formats (tests.latent_helpers.mixed_image_shards)."""
+    from tests.latent_helpers import mixed_image_shards
+
+    return mixed_image_shards(tmp_path_factory.mktemp("mixed"))

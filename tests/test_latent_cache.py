@@ -33,14 +33,7 @@ from .latent_helpers import (
     cache_members,
     cache_shards,
     latent_run,
-    mixed_image_shards,
-    tiny_ae_checkpoint,
 )
-
-
-@pytest.fixture(scope="module")
-def ae_ckpt(tmp_path_factory):
-    return tiny_ae_checkpoint(tmp_path_factory.mktemp("vae"))
 
 
 @pytest.fixture(scope="module")
@@ -231,11 +224,6 @@ def test_launcher_rank_from_torchrun_then_slurm(monkeypatch):
 
 
 # ---------------------------------------------------------------- a cache written with aspect-ratio buckets
-
-
-@pytest.fixture(scope="module")
-def mixed_shards(tmp_path_factory):
-    return mixed_image_shards(tmp_path_factory.mktemp("mixed"))
 
 
 def test_bucketed_cache_holds_each_image_at_its_bucket_with_micro_conditioning(

@@ -23,20 +23,8 @@ from .latent_helpers import (
     cache_members,
     cache_shards,
     latent_run,
-    mixed_image_shards,
     tar_members,
-    tiny_ae_checkpoint,
 )
-
-
-@pytest.fixture(scope="module")
-def ae_ckpt(tmp_path_factory):
-    return tiny_ae_checkpoint(tmp_path_factory.mktemp("vae"))
-
-
-@pytest.fixture(scope="module")
-def mixed_shards(tmp_path_factory):
-    return mixed_image_shards(tmp_path_factory.mktemp("mixed"))
 
 
 def _raw_samples(shards) -> dict[str, dict]:
