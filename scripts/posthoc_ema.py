@@ -26,12 +26,13 @@ def main(cfg: DictConfig) -> None:
     snapshots = find_snapshots(folders)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(folders[-1]).parent / "posthoc"
     widths = list(cfg.sigma_rel) if isinstance(cfg.sigma_rel, ListConfig) else [cfg.sigma_rel]
+    steps = list(cfg.step) if isinstance(cfg.step, ListConfig) else [cfg.step]
     print(
         f"{len(snapshots)} snapshots (steps {snapshots[0].step}..{snapshots[-1].step}, sigma_rel "
         f"{_widths(snapshots[-1].gammas)}) in {', '.join(map(str, folders))}"
     )
-    for sigma_rel in widths:
-        ckpt, fit, end = posthoc_checkpoint(cfg.ckpt, snapshots, float(sigma_rel), cfg.step)
+    for sigma_rel, step in ((w, s) for s in steps for w in widths):
+        ckpt, fit, end = posthoc_checkpoint(cfg.ckpt, snapshots, float(sigma_rel), step)
         path = out_dir / f"sigma_rel-{float(sigma_rel):.3f}-step_{end.step:07d}.ckpt"
         atomic_save(ckpt, path)
         print(

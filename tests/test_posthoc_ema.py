@@ -185,7 +185,13 @@ def test_a_run_writes_snapshots_that_become_checkpoints(cache, tmp_path):
         assert not any(k.startswith("posthoc_ema.") for k in load_bundle(path)[1]["state_dict"])
 
     proc = subprocess.run(
-        [sys.executable, "scripts/posthoc_ema.py", f"ckpt={result['checkpoint']}", "sigma_rel=[0.1,0.2]"],
+        [
+            sys.executable,
+            "scripts/posthoc_ema.py",
+            f"ckpt={result['checkpoint']}",
+            "sigma_rel=[0.1,0.2]",
+            "step=[4,5]",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -195,7 +201,9 @@ def test_a_run_writes_snapshots_that_become_checkpoints(cache, tmp_path):
     assert re.search(r"3 snapshots \(steps 2\.\.5, sigma_rel 0\.050, 0\.100\)", proc.stdout), proc.stdout
     out = tmp_path / "run" / "checkpoints" / "posthoc"
     made = {p.name for p in out.glob("*.ckpt")}
-    assert made == {"sigma_rel-0.100-step_0000005.ckpt", "sigma_rel-0.200-step_0000005.ckpt"}
+    assert made == {f"sigma_rel-0.{w}00-step_000000{s}.ckpt" for w in (1, 2) for s in (4, 5)}
+    at_4 = load_bundle(out / "sigma_rel-0.100-step_0000004.ckpt")[0]["posthoc_ema"]
+    assert at_4["step"] == 4 and len(at_4["coefficients"]) == 2 * 2  # the snapshots of steps 2 and 4
 
     # the width tracked during training comes back as the last snapshot's average (fit error 0)
     bundle, tracked = load_bundle(out / "sigma_rel-0.100-step_0000005.ckpt")
