@@ -87,6 +87,12 @@ class ExportedParts:
                 f"{path} is an inpainting model: its extra input is [mask, latents zeroed where masked], while SD's "
                 "and diffusers' inpainting pipelines encode the masked image instead; exporting it is not supported"
             )
+        if self.unet.qk_norm:
+            raise ValueError(
+                f"{path} has a UNet with qk_norm (RMSNorm on queries and keys): neither SD's CompVis UNet nor "
+                "diffusers' UNet2DConditionModel has it, so no export would compute the same function; sample it "
+                "with sample.py"
+            )
         self.unet.load_state_dict(self.unet_state)
         self.diffusion: GaussianDiffusion = parts["diffusion"]
         self.autoencoder = build_autoencoder(self.cfg).eval()

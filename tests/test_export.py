@@ -415,3 +415,31 @@ def test_sd2_inference_config_reads_as_our_sd2_recipe():
     inpaint["model"]["params"]["conditioning_key"] = "hybrid"
     with pytest.raises(ValueError, match="only text-to-image"):
         sd_model_nodes(inpaint)
+
+
+def test_a_qk_norm_model_trains_samples_and_is_not_exported(synthetic_shards, vae_ckpt, tmp_path):
+    """unet.qk_norm=true: the checkpoint rebuilds the normalised UNet for sampling; export refuses it, since no
+    SD or diffusers UNet normalises queries and keys."""
+    from ldm.training.run import train
+
+    cfg = compose_train(
+        "experiment=tiny",
+        f"data.train_urls={synthetic_shards[0]}",
+        f"autoencoder_ckpt={vae_ckpt}",
+        "trainer.max_steps=2",
+        "unet.qk_norm=true",
+        "callbacks.sample_grid=null",
+        *FAST,
+        run_dir=str(tmp_path / "run"),
+    )
+    ckpt = train(cfg)["checkpoint"]
+    state = load_bundle(ckpt)[1]["state_dict"]
+    assert any(k.startswith("ema.module.") and ".norm_q." in k for k in state)
+    pipe, _ = TextToImage.from_checkpoint(ckpt)
+    assert pipe.unet.qk_norm
+    images = pipe(["a red circle"], DDIMSampler(num_steps=2), guidance_scale=2.0, seeds=[0])
+    assert torch.isfinite(images).all()
+    for fmt, out in (("diffusers", tmp_path / "d"), ("sd", tmp_path / "m.safetensors")):
+        with pytest.raises(ValueError, match="qk_norm"):
+            export(ckpt, out, format=fmt)
+        assert not out.exists()

@@ -343,3 +343,57 @@ def test_tiny_unet_param_count(num_res_blocks, expected):
 
 # The SD2-base UNet (865,910,724 parameters) is built and stepped, composed from `experiment=laion_256`, in
 # tests/test_configs.py::test_laion_256_builds_and_steps.
+
+
+# ---------------------------------------------------------------- QK-norm
+
+
+def test_qk_norm_attention_is_the_normalised_formula_and_ignores_the_projection_scale():
+    torch.manual_seed(0)
+    attn = CrossAttention(32, 24, heads=4, dim_head=8, qk_norm=True)
+    with torch.no_grad():  # gains away from their initial ones, so the test sees them applied
+        attn.norm_q.weight.uniform_(0.5, 2.0)
+        attn.norm_k.weight.uniform_(0.5, 2.0)
+    x, context = torch.randn(2, 10, 32), torch.randn(2, 5, 24)
+    out = attn(x, context)
+
+    def heads(t):  # (B, N, H*D) → (B, H, N, D)
+        return t.view(t.shape[0], t.shape[1], 4, 8).transpose(1, 2)
+
+    def rms(t, gain):
+        return t / t.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * gain
+
+    q = rms(heads(x @ attn.to_q.weight.T), attn.norm_q.weight)
+    k = rms(heads(context @ attn.to_k.weight.T), attn.norm_k.weight)
+    v = heads(context @ attn.to_v.weight.T)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
+    expected = attn.to_out((weights @ v).transpose(1, 2).reshape(2, 10, 32))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+    # the logits no longer grow with the query/key projections: ×50 leaves the output as it was
+    with torch.no_grad():
+        attn.to_q.weight.mul_(50)
+        attn.to_k.weight.mul_(50)
+    torch.testing.assert_close(attn(x, context), out, rtol=1e-4, atol=1e-5)
+    plain = CrossAttention(32, 24, heads=4, dim_head=8)
+    before = plain(x, context)
+    with torch.no_grad():
+        plain.to_q.weight.mul_(50)
+    assert not torch.allclose(plain(x, context), before, atol=1e-3)  # without it they do
+
+
+def test_qk_norm_unet_trains_and_has_its_gains():
+    torch.manual_seed(0)
+    unet = CrossAttentionUNet(**{**TINY_UNET, "qk_norm": True})
+    names = [n for n, _ in unet.named_parameters() if ".norm_q." in n or ".norm_k." in n]
+    transformers = sum(1 for n, _ in unet.named_modules() if n.endswith("attn1") or n.endswith("attn2"))
+    assert len(names) == 2 * transformers > 0  # a query and a key gain in every attention layer
+    extra = n_params(unet) - n_params(CrossAttentionUNet(**TINY_UNET))
+    assert extra == sum(p.numel() for n, p in unet.named_parameters() if n in names)
+    for p in unet.parameters():  # leave the zero-initialised output layers, so every gain gets a gradient
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.05)
+    x, t, context = unet_inputs()
+    unet(x, t, context).square().mean().backward()
+    grads = dict(unet.named_parameters())
+    assert all(grads[n].grad is not None and grads[n].grad.abs().sum() > 0 for n in names)

@@ -37,7 +37,13 @@ class AttnBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of `x` (B, N, query_dim) to `context` (B, L, context_dim); self-attention if no context."""
+    """Multi-head attention of `x` (B, N, query_dim) to `context` (B, L, context_dim); self-attention if no context.
+
+    `qk_norm`: RMSNorm (learnt gain per channel of a head) on every head's queries and keys before their dot
+    product, as ViT-22B (Dehghani et al. 2023) introduced and SD3 (Esser et al. 2024) uses: the attention logits
+    are bounded by the gains, whatever scale the projections grow to, against the logit growth that makes large
+    models diverge in mixed precision.
+    """
 
     def __init__(
         self,
@@ -46,6 +52,7 @@ class CrossAttention(nn.Module):
         heads: int = 8,
         dim_head: int = 64,
         dropout: float = 0.0,
+        qk_norm: bool = False,
     ):
         super().__init__()
         inner_dim = heads * dim_head
@@ -55,6 +62,8 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.norm_q = nn.RMSNorm(dim_head, eps=1e-6) if qk_norm else None
+        self.norm_k = nn.RMSNorm(dim_head, eps=1e-6) if qk_norm else None
 
     def forward(self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
         """context_mask: (B, L) bool, True = attend. A sample whose mask is all False gets a zero attention
@@ -63,6 +72,8 @@ class CrossAttention(nn.Module):
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)  # (B, H, N, D)
         k = rearrange(self.to_k(context), "b l (h d) -> b h l d", h=self.heads)  # (B, H, L, D)
         v = rearrange(self.to_v(context), "b l (h d) -> b h l d", h=self.heads)  # (B, H, L, D)
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
         attn_mask = None
         any_valid = None
         if context_mask is not None:
@@ -103,11 +114,19 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-LayerNorm block: self-attention, cross-attention to the context, GEGLU feed-forward; each residual."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, dropout: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        context_dim: int,
+        dropout: float = 0.0,
+        qk_norm: bool = False,
+    ):
         super().__init__()
-        self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout)
+        self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout, qk_norm)
         self.ff = FeedForward(dim, dropout=dropout)
-        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout, qk_norm)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
@@ -131,13 +150,17 @@ class SpatialTransformer(nn.Module):
         depth: int = 1,
         dropout: float = 0.0,
         num_groups: int = 32,
+        qk_norm: bool = False,
     ):
         super().__init__()
         inner_dim = heads * dim_head
         self.norm = group_norm(in_channels, num_groups, eps=1e-6)
         self.proj_in = nn.Linear(in_channels, inner_dim)
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(inner_dim, heads, dim_head, context_dim, dropout) for _ in range(depth)]
+            [
+                BasicTransformerBlock(inner_dim, heads, dim_head, context_dim, dropout, qk_norm)
+                for _ in range(depth)
+            ]
         )
         self.proj_out = zero_module(nn.Linear(inner_dim, in_channels))
 

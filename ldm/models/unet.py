@@ -68,7 +68,8 @@ class CrossAttentionUNet(nn.Module):
     """eps/v/x0 network (the parameterisation is the diffusion code's business): (x_t, t, context) → (B, C_out, H, W).
 
     `attention_resolutions` are downsampling factors (1 = full latent resolution), SD's convention.
-    Exactly one of `head_dim` (heads = channels // head_dim) and `num_heads` must be set.
+    Exactly one of `head_dim` (heads = channels // head_dim) and `num_heads` must be set. `qk_norm`: RMSNorm on each
+    attention head's queries and keys (SD3's stabiliser; `ldm.models.attention.CrossAttention`).
     """
 
     def __init__(
@@ -88,6 +89,7 @@ class CrossAttentionUNet(nn.Module):
         gradient_checkpointing: bool = False,
         pooled_dim: int | None = None,
         micro_conditioning: bool = False,
+        qk_norm: bool = False,
     ):
         super().__init__()
         if (head_dim is None) == (num_heads is None):
@@ -100,6 +102,7 @@ class CrossAttentionUNet(nn.Module):
         self.channel_mult = channel_mult
         self.context_dim = context_dim
         self.gradient_checkpointing = gradient_checkpointing
+        self.qk_norm = qk_norm
         time_embed_dim = 4 * model_channels
 
         def heads_for(ch: int) -> tuple[int, int]:
@@ -119,7 +122,7 @@ class CrossAttentionUNet(nn.Module):
         def transformer(ch: int) -> SpatialTransformer:
             heads, dim_head = heads_for(ch)
             return SpatialTransformer(
-                ch, heads, dim_head, context_dim, transformer_depth, dropout, num_groups
+                ch, heads, dim_head, context_dim, transformer_depth, dropout, num_groups, qk_norm
             )
 
         self.time_embed = nn.Sequential(
