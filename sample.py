@@ -1,7 +1,8 @@
 """Sample a trained model: `python sample.py ckpt=runs/.../last.ckpt prompts='[a red circle on a blue background]'`.
 
 Modes (see docs/sampling.md): txt2img, img2img, inpaint, outpaint, variations; `reproduce=<png>` rebuilds an image
-from its metadata.
+from its metadata. Several checkpoints (`ckpt='runs/x/checkpoints/weights/*.ckpt'` or a list) are sampled alike, each
+into `out_dir/<name>/`, and compared in `out_dir/compare.png`.
 """
 
 import hydra
