@@ -57,7 +57,9 @@ def main() -> None:
     parser.add_argument(
         "--run", required=True, help="the run dir (checkpoints/last.ckpt, checkpoints/posthoc_ema)"
     )
-    parser.add_argument("--widths", default="0.02,0.035,0.05,0.075,0.1,0.15,0.2,0.25")
+    parser.add_argument(
+        "--widths", default="0.02,0.035,0.05,0.075,0.1,0.15,0.2,0.25", help="'': the run's own weights only"
+    )
     parser.add_argument("--seeds", type=int, default=8, help="images per prompt")
     parser.add_argument("--guidance", type=float, default=2.5)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "posthoc_ema.json"))
@@ -80,7 +82,8 @@ def main() -> None:
     sampler = instantiate(cfg.sampler)
     prompts = [p for p in SEEN_PROMPTS + HELD_OUT_PROMPTS for _ in range(args.seeds)]
     seeds = [i % args.seeds for i in range(len(prompts))]
-    snapshots = find_snapshots(Path(args.run) / "checkpoints" / "posthoc_ema")
+    widths = [float(w) for w in args.widths.split(",") if w]  # none: score the run's own weights only
+    snapshots = find_snapshots(Path(args.run) / "checkpoints" / "posthoc_ema") if widths else []
     steps = int(ckpt["global_step"])
     stage = cfg.stage
 
@@ -108,7 +111,7 @@ def main() -> None:
             use_ema=True,
         ),
     ]
-    for width in (float(w) for w in args.widths.split(",")):
+    for width in widths:
         state, fit, end = posthoc_checkpoint(last, snapshots, width)
         module.ema.module.load_state_dict(submodule_state(state["state_dict"], "ema.module"))
         rows.append(score(f"post-hoc, step {end.step}", width, fit.residual, use_ema=True))
