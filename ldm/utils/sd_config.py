@@ -171,6 +171,7 @@ def sd_model_nodes(sd_config: Mapping) -> dict:
             "num_groups": 32,
             "pooled_dim": None,
             "micro_conditioning": False,
+            "qk_norm": False,  # SD's attention does not normalise queries and keys
         },
         "autoencoder": {
             "in_channels": ddconfig["in_channels"],
