@@ -6,7 +6,7 @@
 # 1. the CUDA tests (the real Lightning trainer on the GPU: bf16-mixed, fused AdamW with clipping, the memory and
 #    MFU panels; strategy=fsdp over NCCL with bf16 weights and per-block compile);
 # 2. `bench/run.py lease` with the time left: SD2-size UNet at 256 px, bf16: training step, the largest batch that
-#    fits, each fast path flipped, compile at the largest batch, sampling.
+#    fits, each fast path flipped, compile at the largest batch, sampling, the EMA / post-hoc EMA update cost.
 # Results (JSON, the markdown tables, logs) go to $OUT (default /tmp/ldm-lease).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

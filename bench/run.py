@@ -366,6 +366,9 @@ def mode_ema(args) -> tuple[list[dict], list[str]]:
     reps = 2 if args.quick else 10
     results = []
     for size in args.ema_sizes:
+        if _deadline is not None and time.monotonic() >= _deadline:
+            results.append({"size": size, "error": NOT_RUN})
+            continue
         results.append(_ema_costs(size, device, reps))
         r = results[-1]
         print(
@@ -378,6 +381,9 @@ def mode_ema(args) -> tuple[list[dict], list[str]]:
         "|" + " --- |" * 6,
     ]
     for r in results:
+        if "error" in r:
+            rows.append(f"| {r['size']} | {r['error']} | | | | |")
+            continue
         rows.append(
             f"| {r['size']} | {r['params'] / 1e6:.1f} | {r['ema_ms']:.1f} | {r['posthoc_ms']:.1f} "
             f"| {r['snapshot_gb']:.2f} | {r['snapshot_ms'] / 1e3:.1f} |"
@@ -471,7 +477,7 @@ def main() -> None:
         "--budget",
         type=float,
         default=None,
-        help="seconds: start no case after this (a GPU lease); lease mode: SD2 train, fastpaths, sampling in order",
+        help="seconds: start no case after this (a GPU lease); lease mode: SD2 train, fastpaths, sampling, ema in order",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny, 2 iterations, JSON to /tmp")
     parser.add_argument("--sizes", default=None, help="train: comma-separated sizes (tiny, mid, sd2)")
@@ -529,7 +535,9 @@ def main() -> None:
     args.cpu_peak = {} if gpu else {dtype: cpu_matmul_tflops(dtype) for dtype in ("fp32", "bf16")}
     meta = {**machine(), "cpu_matmul_peak_tflops": args.cpu_peak or None}
     command = "python bench/run.py " + " ".join(sys.argv[1:])
-    names = {"all": list(MODES), "lease": ["train", "fastpaths", "sampling"]}.get(args.mode, [args.mode])
+    names = {"all": list(MODES), "lease": ["train", "fastpaths", "sampling", "ema"]}.get(
+        args.mode, [args.mode]
+    )
     for name in names:
         title, run = MODES[name]
         print(f"{name}:", flush=True)

@@ -156,14 +156,14 @@ def test_budget_caps_each_case_and_starts_none_past_it(monkeypatch):
     assert labels[:3] == ["defaults", "torch.compile", "compile + channels_last"]
 
 
-def test_lease_mode_writes_its_three_tables_even_with_no_time_left(tmp_path):
+def test_lease_mode_writes_its_four_tables_even_with_no_time_left(tmp_path):
     """A lease killed by its budget still leaves JSON and markdown for what it ran, and says what it did not run."""
     md = tmp_path / "lease.md"
     cmd = [sys.executable, "bench/run.py", "lease", "--quick", "--budget", "0"]
     cmd += ["--json-dir", str(tmp_path), "--markdown", str(md)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for mode in ("train", "fastpaths", "sampling"):
+    for mode in ("train", "fastpaths", "sampling", "ema"):
         results = json.loads((tmp_path / f"{mode}.json").read_text())["results"]
         assert results and all(r["error"] == "not run: --budget spent" for r in results), mode
     samplers = json.loads((tmp_path / "sampling.json").read_text())["results"]
@@ -171,9 +171,9 @@ def test_lease_mode_writes_its_three_tables_even_with_no_time_left(tmp_path):
     from bench.run import fast_path_variants
 
     # one train case, the CPU fast paths, the samplers
-    cases = 1 + len(fast_path_variants(gpu=False, with_compile=False)) + len(samplers)
+    cases = 1 + len(fast_path_variants(gpu=False, with_compile=False)) + len(samplers) + 1  # + the EMA's size
     text = md.read_text()
-    assert text.count("### ") == 3 and text.count("not run: --budget spent") == cases
+    assert text.count("### ") == 4 and text.count("not run: --budget spent") == cases
 
 
 def test_gpu_plan_finds_the_largest_batch_first_and_compiles_at_it(monkeypatch):
