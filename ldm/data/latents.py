@@ -85,13 +85,39 @@ def encode_latents_member(
 def decode_latents_member(data: bytes) -> dict[str, torch.Tensor]:
     """Inverse of `encode_latents_member`: float32 features (mask as bool), keyed as in the training batch; the
     mirrored image's, when cached, as "latent_mean_flip", "latent_std_flip" and "crop_coords_flip"."""
+    tensors = _load_member(data)
+    out = _features(tensors, mirrored=False)
+    if _has_mirrored(tensors):
+        mirrored = _features(tensors, mirrored=True)
+        out.update(
+            {
+                f"{name}_flip": mirrored[name]
+                for name in ("latent_mean", "latent_std", "crop_coords")
+                if name in mirrored
+            }
+        )
+    return out
+
+
+def _load_member(data: bytes) -> dict[str, torch.Tensor]:
     try:
         tensors = load_safetensors(data)
     except Exception as exn:
         raise SampleError("decode_error", f"unreadable latents: {type(exn).__name__}: {exn}") from exn
     if "mean" not in tensors or "std" not in tensors:
         raise SampleError("decode_error", f"latents member without mean/std (has {sorted(tensors)})")
-    out = {"latent_mean": tensors["mean"].float(), "latent_std": tensors["std"].float()}
+    return tensors
+
+
+def _has_mirrored(tensors: dict[str, torch.Tensor]) -> bool:
+    return "mean_flip" in tensors and "std_flip" in tensors
+
+
+def _features(tensors: dict[str, torch.Tensor], mirrored: bool) -> dict[str, torch.Tensor]:
+    """One orientation's features, converted for the batch: the cached image's, or its mirror image's (`_flip`
+    tensors, the crop coordinates included); the other orientation is left as stored."""
+    flip = "_flip" if mirrored else ""
+    out = {"latent_mean": tensors["mean" + flip].float(), "latent_std": tensors["std" + flip].float()}
     for name in ("text_tokens", "text_pooled"):
         if name in tensors:
             out[name] = tensors[name].float()
@@ -99,31 +125,22 @@ def decode_latents_member(data: bytes) -> dict[str, torch.Tensor]:
         out["text_mask"] = tensors["text_mask"].bool()
     for name in MICRO_KEYS:
         if name in tensors:
-            out[name] = tensors[name].long()
-    if "mean_flip" in tensors and "std_flip" in tensors:
-        out["latent_mean_flip"] = tensors["mean_flip"].float()
-        out["latent_std_flip"] = tensors["std_flip"].float()
-        if "crop_coords_flip" in tensors:
-            out["crop_coords_flip"] = tensors["crop_coords_flip"].long()
+            out[name] = tensors[f"{name}_flip" if mirrored and f"{name}_flip" in tensors else name].long()
     return out
 
 
-_FLIPPED = ("latent_mean", "latent_std", "crop_coords")  # what a mirrored sample replaces (`<name>_flip`)
-
-
-def _choose_orientation(out: dict, rng: random.Random | None, hflip_prob: float) -> None:
-    """Keep the cached latents, or with probability `hflip_prob` those of the mirrored image; drop the other."""
-    flipped = {name: out.pop(f"{name}_flip") for name in _FLIPPED if f"{name}_flip" in out}
+def _draw_mirrored(tensors: dict[str, torch.Tensor], rng: random.Random | None, hflip_prob: float) -> bool:
+    """Whether this visit takes the mirrored image's latents: with probability `hflip_prob`, which needs a cache
+    written with flips."""
     if hflip_prob <= 0:
-        return
-    if not flipped:
+        return False
+    if not _has_mirrored(tensors):
         raise SampleError(
             "decode_error",
             f"data.hflip_prob={hflip_prob}, but the cache holds no mirrored latents: cache the images again with "
             "flips=true (scripts/cache_latents.py) or set data.hflip_prob=0",
         )
-    if (rng if rng is not None else random.Random()).random() < hflip_prob:
-        out.update(flipped)
+    return (rng if rng is not None else random.Random()).random() < hflip_prob
 
 
 class DecodeLatents:
@@ -153,8 +170,8 @@ class DecodeLatents:
         filter_sample(filters, sample, default)
         if LATENTS_MEMBER not in sample:
             raise SampleError("missing_image", f"no .{LATENTS_MEMBER} member")
-        out = decode_latents_member(sample[LATENTS_MEMBER])
-        _choose_orientation(out, rng, hflip_prob)
+        tensors = _load_member(sample[LATENTS_MEMBER])
+        out = _features(tensors, _draw_mirrored(tensors, rng, hflip_prob))  # the other orientation stays fp16
         out.update(caption_fields(sample, rng, captions, default))
         out["key"] = sample["__key__"]
         return out
