@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT))
 from quickstart import HELD_OUT_PROMPTS, SEEN_PROMPTS  # noqa: E402
 
 from bench.samplers import _percent, adherence  # noqa: E402
-from ldm.training.posthoc_ema import find_snapshots, posthoc_checkpoint  # noqa: E402
+from ldm.training.posthoc_ema import find_snapshots, reconstruct_widths  # noqa: E402
 from ldm.training.run import build_module  # noqa: E402
-from ldm.utils.checkpoint import load_bundle, submodule_state  # noqa: E402
+from ldm.utils.checkpoint import load_bundle  # noqa: E402
 
 
 def fixed_decay_width(decay: float, warmup: bool, steps: int) -> float:
@@ -111,9 +111,9 @@ def main() -> None:
             use_ema=True,
         ),
     ]
-    for width in widths:
-        state, fit, end = posthoc_checkpoint(last, snapshots, width)
-        module.ema.module.load_state_dict(submodule_state(state["state_dict"], "ema.module"))
+    reconstructed, end = reconstruct_widths(snapshots, widths) if widths else ([], None)
+    for width, (unet, fit) in zip(widths, reconstructed, strict=True):
+        module.ema.module.load_state_dict(unet)
         rows.append(score(f"post-hoc, step {end.step}", width, fit.residual, use_ema=True))
 
     result = {

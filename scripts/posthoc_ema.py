@@ -16,27 +16,27 @@ def main(cfg: DictConfig) -> None:
     from ldm.training.posthoc_ema import (
         default_snapshot_folder,
         find_snapshots,
-        posthoc_checkpoint,
+        posthoc_checkpoints,
         sigma_rel_to_gamma,
     )
-    from ldm.utils.checkpoint import atomic_save
+    from ldm.utils.checkpoint import BUNDLE_KEY, atomic_save
 
     folders = cfg.snapshots or default_snapshot_folder(cfg.ckpt)
     folders = list(folders) if isinstance(folders, ListConfig) else [folders]
     snapshots = find_snapshots(folders)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(folders[-1]).parent / "posthoc"
-    widths = list(cfg.sigma_rel) if isinstance(cfg.sigma_rel, ListConfig) else [cfg.sigma_rel]
+    widths = [float(w) for w in (cfg.sigma_rel if isinstance(cfg.sigma_rel, ListConfig) else [cfg.sigma_rel])]
     steps = list(cfg.step) if isinstance(cfg.step, ListConfig) else [cfg.step]
     print(
         f"{len(snapshots)} snapshots (steps {snapshots[0].step}..{snapshots[-1].step}, sigma_rel "
         f"{_widths(snapshots[-1].gammas)}) in {', '.join(map(str, folders))}"
     )
-    for sigma_rel, step in ((w, s) for s in steps for w in widths):
-        ckpt, fit, end = posthoc_checkpoint(cfg.ckpt, snapshots, float(sigma_rel), step)
-        path = out_dir / f"sigma_rel-{float(sigma_rel):.3f}-step_{end.step:07d}.ckpt"
+    for ckpt, fit, end in posthoc_checkpoints(cfg.ckpt, snapshots, widths, steps):
+        sigma_rel = ckpt[BUNDLE_KEY]["posthoc_ema"]["sigma_rel"]
+        path = out_dir / f"sigma_rel-{sigma_rel:.3f}-step_{end.step:07d}.ckpt"
         atomic_save(ckpt, path)
         print(
-            f"sigma_rel {float(sigma_rel):.3f} (gamma {sigma_rel_to_gamma(float(sigma_rel)):.2f}) at step "
+            f"sigma_rel {sigma_rel:.3f} (gamma {sigma_rel_to_gamma(sigma_rel):.2f}) at step "
             f"{end.step}: profile fit error {100 * fit.residual:.2f} % → {path}"
         )
 

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,32 +175,38 @@ def reconstruct(
 ) -> tuple[dict[str, torch.Tensor], Fit, Snapshot]:
     """The UNet state dict of the EMA of width `sigma_rel` at the time of the snapshot of `step` (default: the
     latest), combined from the snapshots up to it (float32 sums); with the fit and the snapshot it ends at."""
+    [(state, fit)], end = reconstruct_widths(snapshots, [sigma_rel], step)
+    return state, fit, end
+
+
+def reconstruct_widths(
+    snapshots: Sequence[Snapshot], widths: Sequence[float], step: int | None = None
+) -> tuple[list[tuple[dict[str, torch.Tensor], Fit]], Snapshot]:
+    """`reconstruct` for several widths at once, reading each snapshot file once: [(state dict, fit)] in the
+    order of `widths`, and the snapshot they end at."""
     chosen = [s for s in snapshots if step is None or s.step <= step]
     if not chosen or (step is not None and chosen[-1].step != step):
         have = ", ".join(str(s.step) for s in snapshots)
         raise ValueError(f"no snapshot at step {step}; snapshots exist at steps {have}")
     end = chosen[-1]
-    profiles = [(s, k, gamma) for s in chosen for k, gamma in enumerate(s.gammas)]
-    fit = solve_coefficients(
-        [s.t for s, _, _ in profiles], [g for _, _, g in profiles], end.t, sigma_rel_to_gamma(sigma_rel)
-    )
-    state: dict[str, torch.Tensor] = {}
+    times = [
+        s.t for s in chosen for _ in s.gammas
+    ]  # profiles in file order: snapshot by snapshot, exponent k
+    gammas = [g for s in chosen for g in s.gammas]
+    fits = [solve_coefficients(times, gammas, end.t, sigma_rel_to_gamma(w)) for w in widths]
+    states: list[dict[str, torch.Tensor]] = [{} for _ in widths]
+    first = 0  # index of the snapshot's first profile
     for snap in chosen:
-        tensors = load_file(str(snap.path))
-        for (s, k, _), c in zip(profiles, fit.coefficients, strict=True):
-            if s is not snap:
-                continue
-            for key, value in tensors.items():
-                index, _, name = key.partition(".")
-                if int(index) != k:
-                    continue
+        for key, value in load_file(str(snap.path)).items():
+            index, _, name = key.partition(".")
+            for fit, state in zip(fits, states, strict=True):
                 if not value.is_floating_point():  # integer buffers: the latest snapshot's
                     state[name] = value
-                elif name in state:
-                    state[name].add_(value.float(), alpha=float(c))
-                else:
-                    state[name] = value.float() * float(c)
-    return state, fit, end
+                    continue
+                term = value.float() * float(fit.coefficients[first + int(index)])
+                state[name] = state[name].add_(term) if name in state else term
+        first += len(snap.gammas)
+    return list(zip(states, fits, strict=True)), end
 
 
 # --- during training ----------------------------------------------------------------------------------------------
@@ -260,30 +266,45 @@ def posthoc_checkpoint(
     post-hoc EMA of width `sigma_rel` at `step` (default: the latest snapshot); the autoencoder, latent scale,
     text encoder and self-description come from `ckpt`, a checkpoint of the same run. The bundle records how it
     was made under "posthoc_ema"."""
+    return next(posthoc_checkpoints(ckpt, snapshots, [sigma_rel], [step]))
+
+
+def posthoc_checkpoints(
+    ckpt: str | os.PathLike,
+    snapshots: Sequence[Snapshot],
+    widths: Sequence[float],
+    steps: Sequence[int | None] = (None,),
+) -> Iterator[tuple[dict, Fit, Snapshot]]:
+    """`posthoc_checkpoint` for every width at every step, step by step: `ckpt` is read once, and each snapshot
+    once per step for all the widths."""
     bundle, full = load_bundle(ckpt)
     if bundle.get("stage") != "diffusion":
         raise ValueError(f"{ckpt} is a '{bundle.get('stage')}' checkpoint; post-hoc EMA needs a stage-2 one")
-    unet, fit, end = reconstruct(snapshots, sigma_rel, step)
     state = full["state_dict"]
-    theirs = {k[len("ema.module.") :] for k in state if k.startswith("ema.module.")}
-    if set(unet) != theirs:
-        raise ValueError(
-            f"the snapshots hold another UNet than {ckpt} ({len(set(unet) ^ theirs)} parameter names differ): "
-            "pass a checkpoint of the run that wrote them"
-        )
-    if any(tuple(unet[k].shape) != tuple(state[f"ema.module.{k}"].shape) for k in unet):
-        raise ValueError(f"the snapshots hold a UNet of other shapes than {ckpt}'s")
-    out_state = {k: v for k, v in state.items() if k.startswith(("codec.", "text_encoder."))}
-    out_state.update({f"ema.module.{k}": v for k, v in unet.items()})
-    out_state["ema.num_updates"] = torch.tensor(end.t)
-    made = {
-        "sigma_rel": float(sigma_rel),
-        "gamma": sigma_rel_to_gamma(sigma_rel),
-        "step": end.step,
-        "t": end.t,
-        "residual": fit.residual,
-        "snapshots": [{"step": s.step, "gammas": list(s.gammas)} for s in snapshots if s.step <= end.step],
-        "coefficients": [float(c) for c in fit.coefficients],
-    }
-    out_bundle = {**bundle, CONTENTS_KEY: WEIGHTS_ONLY, "posthoc_ema": made}
-    return {BUNDLE_KEY: out_bundle, "state_dict": out_state, "global_step": end.step}, fit, end
+    theirs = {k[len("ema.module.") :]: v.shape for k, v in state.items() if k.startswith("ema.module.")}
+    kept = {k: v for k, v in state.items() if k.startswith(("codec.", "text_encoder."))}
+    for step in steps:
+        results, end = reconstruct_widths(snapshots, widths, step)
+        for sigma_rel, (unet, fit) in zip(widths, results, strict=True):
+            if set(unet) != set(theirs):
+                raise ValueError(
+                    f"the snapshots hold another UNet than {ckpt} ({len(set(unet) ^ set(theirs))} parameter "
+                    "names differ): pass a checkpoint of the run that wrote them"
+                )
+            if any(tuple(unet[k].shape) != tuple(theirs[k]) for k in unet):
+                raise ValueError(f"the snapshots hold a UNet of other shapes than {ckpt}'s")
+            out_state = {**kept, **{f"ema.module.{k}": v for k, v in unet.items()}}
+            out_state["ema.num_updates"] = torch.tensor(end.t)
+            made = {
+                "sigma_rel": float(sigma_rel),
+                "gamma": sigma_rel_to_gamma(sigma_rel),
+                "step": end.step,
+                "t": end.t,
+                "residual": fit.residual,
+                "snapshots": [
+                    {"step": s.step, "gammas": list(s.gammas)} for s in snapshots if s.step <= end.step
+                ],
+                "coefficients": [float(c) for c in fit.coefficients],
+            }
+            out_bundle = {**bundle, CONTENTS_KEY: WEIGHTS_ONLY, "posthoc_ema": made}
+            yield {BUNDLE_KEY: out_bundle, "state_dict": out_state, "global_step": end.step}, fit, end
