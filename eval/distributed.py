@@ -18,7 +18,6 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from eval.features import InceptionOutput
 from ldm.utils.launcher import launcher_rank
 
 
@@ -94,31 +93,31 @@ def barrier() -> None:
 
 
 class IndexedFeatures(Metric):
-    """Inception outputs of images, each with its index in the evaluation set, gathered over processes and
-    returned in index order: KID subsets and IS splits depend on the order of samples, and sorting makes them
-    independent of how images were shared out."""
+    """Features of images (and, for Inception, logits), each with its index in the evaluation set, gathered over
+    processes and returned in index order: KID subsets, IS splits and precision/recall ties depend on the order of
+    samples, and sorting makes them independent of how images were shared out."""
 
     full_state_update = False
     is_differentiable = False
     index: list[Tensor]
-    pool: list[Tensor]
+    features: list[Tensor]
     logits: list[Tensor]
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.add_state("index", [], dist_reduce_fx="cat")
-        self.add_state("pool", [], dist_reduce_fx="cat")
+        self.add_state("features", [], dist_reduce_fx="cat")
         self.add_state("logits", [], dist_reduce_fx="cat")
 
-    def update(self, index: Tensor, out: InceptionOutput) -> None:
+    def update(self, index: Tensor, features: Tensor, logits: Tensor | None = None) -> None:
         self.index.append(index.to(self.device, torch.long))
-        self.pool.append(out.pool.float())
-        self.logits.append(out.logits.float())
+        self.features.append(features.float())
+        self.logits.append(features.new_zeros(len(features), 0) if logits is None else logits.float())
 
     def compute(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(index (N,), pool (N, 2048), logits (N, 1008)) sorted by index."""
+        """(index (N,), features (N, D), logits (N, L); L = 0 without logits) sorted by index."""
         if isinstance(self.index, list) and not self.index:  # after a sync the states are tensors
             raise ValueError("no images were scored")
         index = dim_zero_cat(self.index)
         order = torch.argsort(index)
-        return index[order], dim_zero_cat(self.pool)[order], dim_zero_cat(self.logits)[order]
+        return index[order], dim_zero_cat(self.features)[order], dim_zero_cat(self.logits)[order]

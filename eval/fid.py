@@ -1,4 +1,4 @@
-"""FID, KID and Inception Score of a checkpoint's samples: `python eval/fid.py ckpt=… prompts=… reference=…`.
+"""FID, KID, Inception Score and precision / recall of a checkpoint's samples: `python eval/fid.py ckpt=… prompts=… reference=…`.
 
 - FID (Heusel et al. 2017, eq. 6): ‖μ_r − μ_g‖² + Tr(Σ_r + Σ_g − 2 (Σ_r Σ_g)^½), torchmetrics'
   `FrechetInceptionDistance` with its states in float64; the reference side comes from cached statistics.
@@ -6,8 +6,11 @@
   subsets: torch-fidelity's `kid_features_to_metric`, its default subsets and seed.
 - IS (Salimans et al. 2016): exp E[KL(p(y|x) ‖ p(y))] over splits, from the logits: torch-fidelity's
   `isc_features_to_metric`, its default splits and seed.
+- Precision / recall (Kynkäänniemi et al. 2019), k = 3: fidelity and coverage separately, on the pool features
+  (as ADM's evaluator reports them).
 
-All three come from one Inception pass per image. Generated features are gathered over processes in image order
+All four come from one Inception pass per image; `fd_dinov2=true` adds FD_DINOv2 with its own precision / recall
+(`eval.dinov2`). Generated features are gathered over processes in image order
 (`IndexedFeatures`), so the numbers do not depend on how many processes made them.
 
 Run with torchrun (`torchrun --nproc-per-node 8 eval/fid.py …`) or srun for several GPUs. `eval/clip_score.py`
@@ -25,13 +28,14 @@ import torch
 from torch import Tensor, nn
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 if __name__ == "__main__":  # `python eval/fid.py`: import the repository's `eval` package
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from eval.distributed import IndexedFeatures, is_distributed
-from eval.features import POOL_DIM, InceptionFeatures
+from eval.features import POOL_DIM, InceptionFeatures, InceptionOutput
 from eval.reference import ReferenceStats
 
 
@@ -42,6 +46,8 @@ class InceptionMetrics:
     kid_std: float | None
     is_mean: float
     is_std: float
+    precision: float | None  # None without reference features, or with fewer than k + 1 images
+    recall: float | None
     num_images: int
     reference_images: int
     kid_subset_size: int | None
@@ -76,23 +82,36 @@ def frechet_metric(reference: ReferenceStats, holds_reference: bool = True) -> F
     return fid
 
 
-class InceptionScorer:
-    """Accumulates generated images (any process, any order) and scores them against reference statistics."""
+def precision_recall(
+    generated: Tensor, real: Tensor, neighborhood: int = 3
+) -> tuple[float | None, float | None]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019): the share of generated samples inside the union of
+    the real samples' k-nearest-neighbour balls, and the share of real samples inside the generated ones' balls.
+    torch-fidelity's implementation (k = 3, as the paper and ADM's evaluator), on whichever device the features
+    are. (None, None) when a set has no k neighbours."""
+    if min(len(generated), len(real)) <= neighborhood:
+        return None, None
+    out = prc_features_to_metric(
+        generated.float(),
+        real.to(generated.device, torch.float32),
+        prc_neighborhood=neighborhood,
+        prc_batch_size=10000,
+        save_cpu_ram=True,  # distances in blocks of 10k rows: 10k x N floats at a time, not N x N
+        verbose=False,
+    )
+    return out["precision"], out["recall"]
 
-    def __init__(
-        self,
-        extractor: InceptionFeatures,
-        reference: ReferenceStats,
-        kid_subsets: int = 100,
-        kid_subset_size: int = 1000,
-        isc_splits: int = 10,
-        rng_seed: int = 2020,
-    ) -> None:
-        if len(reference.mu) != POOL_DIM:
-            raise ValueError(f"reference statistics have {len(reference.mu)} dimensions, expected {POOL_DIM}")
-        self.extractor, self.reference = extractor, reference
-        self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
-        self.isc_splits, self.rng_seed = isc_splits, rng_seed
+
+class FeatureScorer:
+    """Accumulates generated images (any process, any order) and scores them against a reference in one feature
+    space: Fréchet distance and precision / recall. `InceptionScorer` adds KID and IS; `eval.dinov2` gives the
+    DINOv2 space (FD_DINOv2)."""
+
+    def __init__(self, extractor: nn.Module, reference: ReferenceStats, prc_neighborhood: int = 3) -> None:
+        dim = getattr(extractor, "dim", POOL_DIM)
+        if len(reference.mu) != dim:
+            raise ValueError(f"reference statistics have {len(reference.mu)} dimensions, expected {dim}")
+        self.extractor, self.reference, self.prc_neighborhood = extractor, reference, prc_neighborhood
         holds_reference = not is_distributed() or torch.distributed.get_rank() == 0  # torchmetrics syncs then
         self.fid = frechet_metric(reference, holds_reference).to(extractor.device)
         self.features = IndexedFeatures().to(extractor.device)
@@ -105,13 +124,52 @@ class InceptionScorer:
     def update(self, indices: Sequence[int] | Tensor, images: Tensor) -> None:
         """uint8 images (B, 3, H, W) and their indices in the evaluation set."""
         out = self.extractor(images)
-        self.fid.update(out.pool.double(), real=False)
-        self.features.update(torch.as_tensor(indices), out)
+        features, logits = (out.pool, out.logits) if isinstance(out, InceptionOutput) else (out, None)
+        self.fid.update(features.double(), real=False)
+        self.features.update(torch.as_tensor(indices), features, logits)
+
+    def _compute(self) -> tuple[float, Tensor, Tensor, float | None, float | None]:
+        """(Fréchet distance, features, logits, precision, recall); all processes must call (torchmetrics
+        gathers) and get the same values."""
+        distance = float(self.fid.compute())
+        _, features, logits = self.features.compute()
+        precision = recall = None
+        if self.reference.features is not None:
+            real = torch.from_numpy(self.reference.features)
+            precision, recall = precision_recall(features, real, self.prc_neighborhood)
+        return distance, features, logits, precision, recall
+
+    def _protocol(self) -> dict:
+        return {
+            "feature_extractor": self.extractor.identity(),
+            "reference": {k: v for k, v in self.reference.info.items() if k != "feature_extractor"},
+            "precision_recall": {
+                "method": "Kynkäänniemi et al. 2019 (torch-fidelity), on the features above",
+                "neighborhood": self.prc_neighborhood,
+            },
+        }
+
+
+class InceptionScorer(FeatureScorer):
+    """FID, KID, IS and precision / recall from one Inception pass per image."""
+
+    def __init__(
+        self,
+        extractor: InceptionFeatures,
+        reference: ReferenceStats,
+        kid_subsets: int = 100,
+        kid_subset_size: int = 1000,
+        isc_splits: int = 10,
+        rng_seed: int = 2020,
+        prc_neighborhood: int = 3,
+    ) -> None:
+        super().__init__(extractor, reference, prc_neighborhood)
+        self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
+        self.isc_splits, self.rng_seed = isc_splits, rng_seed
 
     def compute(self) -> InceptionMetrics:
         """All processes must call (torchmetrics gathers); the values are the same on each."""
-        fid = float(self.fid.compute())
-        _, pool, logits = self.features.compute()
+        fid, pool, logits, precision, recall = self._compute()
         n = len(pool)
         splits = max(1, min(self.isc_splits, n // 2))  # at least 2 images per split
         isc = isc_features_to_metric(logits.cpu(), splits=splits, shuffle=True, rng_seed=self.rng_seed)
@@ -134,6 +192,8 @@ class InceptionScorer:
             kid_std=kid_std,
             is_mean=isc["inception_score_mean"],
             is_std=isc["inception_score_std"],
+            precision=precision,
+            recall=recall,
             num_images=n,
             reference_images=self.reference.num_images,
             kid_subset_size=subset,
@@ -142,8 +202,7 @@ class InceptionScorer:
 
     def protocol(self) -> dict:
         return {
-            "feature_extractor": self.extractor.identity(),
-            "reference": {k: v for k, v in self.reference.info.items() if k != "feature_extractor"},
+            **self._protocol(),
             "fid": "torchmetrics FrechetInceptionDistance, float64 states (Heusel et al. 2017)",
             "kid": {
                 "implementation": "torch-fidelity",

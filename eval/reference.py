@@ -2,10 +2,11 @@
 
 The reference set is the first `num_images` samples of the shards *in order* (no shuffling: the same images
 whatever the number of processes), centre-cropped and resized to the evaluation resolution (PIL bicubic, as the
-training data pipeline does), quantized to 8 bits, then fed to Inception with the run's resize protocol.
+training data pipeline does), quantized to 8 bits, then fed to the feature extractor (Inception; DINOv2 for
+FD_DINOv2) with the run's resize protocol.
 
-A cache file holds `mu`, `sigma` (float64, as pytorch-fid / clean-fid `.npz` files do), the float32 pool features
-(KID needs samples, not moments) and a JSON `info` record. Its name is a hash of everything that changes the
+A cache file holds `mu`, `sigma` (float64, as pytorch-fid / clean-fid `.npz` files do), the float32 features
+(KID and precision / recall need samples, not moments) and a JSON `info` record. Its name is a hash of everything that changes the
 numbers: shard URLs, resolution, crop, resize protocol, image count and the feature extractor's weights.
 An existing `.npz` with `mu` and `sigma` (e.g. published statistics) can also be passed instead of shards.
 """
@@ -22,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from eval.distributed import DistContext, IndexedFeatures, barrier
-from eval.features import InceptionFeatures
+from eval.features import InceptionOutput
 from ldm.data.latents import read_cache_info
 from ldm.data.transforms import ImageTransform, SampleError, decode_image
 from ldm.data.webdataset import IMAGE_KEYS, SkipCounter, TarSamples, expand_urls
@@ -136,11 +137,12 @@ def compute_reference(
     urls: str | Sequence[str],
     resolution: int,
     num_images: int,
-    extractor: InceptionFeatures,
+    extractor: nn.Module,
     batch_size: int = 64,
     ctx: DistContext | None = None,
 ) -> ReferenceStats:
-    """Inception statistics of the reference images; with several processes each does its share and all get all."""
+    """Statistics of the reference images in the extractor's feature space (Inception pool3, DINOv2); with several
+    processes each does its share and all get all."""
     ctx = ctx or DistContext()
     shard_urls = expand_urls(urls)
     gathered = IndexedFeatures().to(extractor.device)
@@ -168,9 +170,10 @@ def compute_reference(
     return ReferenceStats(mu, sigma, len(features), features, info)
 
 
-def _add(gathered: IndexedFeatures, extractor: InceptionFeatures, batch: list[tuple[int, Tensor]]) -> None:
+def _add(gathered: IndexedFeatures, extractor: nn.Module, batch: list[tuple[int, Tensor]]) -> None:
     index = torch.tensor([i for i, _ in batch])
-    gathered.update(index, extractor(torch.stack([x for _, x in batch])))
+    out = extractor(torch.stack([x for _, x in batch]))
+    gathered.update(index, out.pool if isinstance(out, InceptionOutput) else out)
 
 
 def image_shards_of(urls: str | Sequence[str]) -> str | Sequence[str]:
@@ -191,7 +194,7 @@ def reference_stats(
     source: str | Sequence[str],
     resolution: int,
     num_images: int,
-    extractor: InceptionFeatures,
+    extractor: nn.Module,
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 64,
     ctx: DistContext | None = None,

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from eval.clip_score import DEFAULT_MODEL, DEFAULT_PRETRAINED, ClipScore
+from eval.dinov2 import DINOv2Features, DINOv2Scorer
 from eval.distributed import (
     DistContext,
     barrier,
@@ -50,11 +51,16 @@ class Evaluator:
     """Scores sets of generated images under one protocol; every process of a group calls `evaluate` together."""
 
     def __init__(
-        self, inception: InceptionScorer | None, clip: ClipScore | None, ctx: DistContext | None = None
+        self,
+        inception: InceptionScorer | None,
+        clip: ClipScore | None,
+        ctx: DistContext | None = None,
+        dinov2: DINOv2Scorer | None = None,
     ) -> None:
         if inception is None and clip is None:
             raise ValueError("nothing to compute: give a reference (FID/KID/IS) and/or a CLIP model")
-        self.inception, self.clip, self.ctx = inception, clip, ctx or dist_context()
+        self.inception, self.clip, self.dinov2 = inception, clip, dinov2
+        self.ctx = ctx or dist_context()
 
     @classmethod
     def build(
@@ -75,11 +81,33 @@ class Evaluator:
         clip_model: str | None = DEFAULT_MODEL,
         clip_pretrained: str | None = DEFAULT_PRETRAINED,
         clip_cache_dir: str | None = None,
+        prc_neighborhood: int = 3,
+        fd_dinov2: bool = False,
+        dinov2_weights: str | None = None,
+        dinov2_resize: str = "torch",
         ctx: DistContext | None = None,
     ) -> Evaluator:
         """Load the networks and the reference statistics (computing and caching them if needed: all processes)."""
         ctx = ctx or dist_context()
-        inception = clip = None
+        inception = clip = dinov2 = None
+        if fd_dinov2:
+            if not reference:
+                raise ValueError("fd_dinov2=true needs reference images (reference=<shards>)")
+            if str(reference).endswith(".npz"):
+                raise ValueError(
+                    f"fd_dinov2=true needs reference shards: {reference} holds Inception statistics only"
+                )
+            extractor = DINOv2Features(dinov2_weights, dinov2_resize).to(device)
+            stats = reference_stats(
+                reference,
+                resolution,
+                reference_num_images,
+                extractor,
+                reference_cache_dir,
+                reference_batch_size,
+                ctx,
+            )
+            dinov2 = DINOv2Scorer(extractor, stats, prc_neighborhood)
         if reference:
             extractor = InceptionFeatures(inception_weights, resize).to(device)
             stats = reference_stats(
@@ -91,15 +119,18 @@ class Evaluator:
                 reference_batch_size,
                 ctx,
             )
-            inception = InceptionScorer(extractor, stats, kid_subsets, kid_subset_size, isc_splits, rng_seed)
+            inception = InceptionScorer(
+                extractor, stats, kid_subsets, kid_subset_size, isc_splits, rng_seed, prc_neighborhood
+            )
         if clip_model:
             clip = ClipScore(clip_model, clip_pretrained, clip_cache_dir).to(device)
-        return cls(inception, clip, ctx)
+        return cls(inception, clip, ctx, dinov2)
 
     def protocol(self) -> dict:
         return {
             "inception": self.inception.protocol() if self.inception else None,
             "clip": self.clip.identity() if self.clip else None,
+            **({"dinov2": self.dinov2.protocol()} if self.dinov2 else {}),
         }
 
     def evaluate(
@@ -121,12 +152,14 @@ class Evaluator:
         operation); a process with one batch fewer than the others generates a throwaway batch at the end."""
         ctx = self.ctx
         batches = plan_batches(num_images, captions.texts, seed, batch_size, ctx.rank, ctx.world_size)
-        for scorer in (self.inception, self.clip):
+        for scorer in (self.inception, self.clip, self.dinov2):
             if scorer is not None:
                 scorer.reset()
         for batch, images in generated_batches(generate, batches, save_dir, save_first, metadata, progress):
             if self.inception is not None:
                 self.inception.update(batch.indices, images)
+            if self.dinov2 is not None:
+                self.dinov2.update(batch.indices, images)
             if self.clip is not None:
                 self.clip.update(images, batch.captions)
         num_batches = math.ceil(num_images / batch_size)
@@ -137,7 +170,13 @@ class Evaluator:
         if self.inception is not None:
             m = self.inception.compute()
             metrics.update(
-                fid=m.fid, kid_mean=m.kid_mean, kid_std=m.kid_std, is_mean=m.is_mean, is_std=m.is_std
+                fid=m.fid,
+                kid_mean=m.kid_mean,
+                kid_std=m.kid_std,
+                is_mean=m.is_mean,
+                is_std=m.is_std,
+                precision=m.precision,
+                recall=m.recall,
             )
             counts.update(
                 scored_images=m.num_images,
@@ -145,6 +184,14 @@ class Evaluator:
                 kid_subset_size=m.kid_subset_size,
                 isc_splits=m.isc_splits,
             )
+        if self.dinov2 is not None:
+            d = self.dinov2.compute()
+            metrics.update(
+                fd_dinov2=d["fd_dinov2"],
+                precision_dinov2=d["precision_dinov2"],
+                recall_dinov2=d["recall_dinov2"],
+            )
+            counts["dinov2_reference_images"] = self.dinov2.reference.num_images
         if self.clip is not None:
             metrics["clip_score"] = float(self.clip.compute())
         return metrics, counts
@@ -181,6 +228,10 @@ class EvalSettings:
     clip_model: str | None = DEFAULT_MODEL
     clip_pretrained: str | None = DEFAULT_PRETRAINED
     clip_cache_dir: str | None = None
+    prc_neighborhood: int = 3
+    fd_dinov2: bool = False
+    dinov2_weights: str | None = None
+    dinov2_resize: str = "torch"
     out_dir: str = "eval_results"
     save_images: int = 0
     progress: bool = True
@@ -331,6 +382,10 @@ def _build_evaluator(s: EvalSettings, resolution: int, device: torch.device, ctx
         clip_model=s.clip_model,
         clip_pretrained=s.clip_pretrained,
         clip_cache_dir=s.clip_cache_dir,
+        prc_neighborhood=s.prc_neighborhood,
+        fd_dinov2=s.fd_dinov2,
+        dinov2_weights=s.dinov2_weights,
+        dinov2_resize=s.dinov2_resize,
         ctx=ctx,
     )
 

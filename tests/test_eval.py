@@ -21,12 +21,12 @@ import torch
 from PIL import Image
 
 from eval.clip_score import ClipScore, create_clip_model
+from eval.dinov2 import save_random_dinov2_weights
 from eval.distributed import IndexedFeatures
 from eval.features import (
     INCEPTION_FILE,
     INCEPTION_URL,
     InceptionFeatures,
-    InceptionOutput,
     save_random_inception_weights,
 )
 from eval.fid import frechet_metric
@@ -53,10 +53,16 @@ def weights(tmp_path_factory):
     """Random FID Inception and tiny CLIP weights in local files, plus a shared reference-statistics cache."""
     root = tmp_path_factory.mktemp("weights")
     inception = save_random_inception_weights(root / "inception_random.pth", seed=0)
+    dinov2 = save_random_dinov2_weights(root / "dinov2_random.pth", embed_dim=128, depth=2, seed=0)
     torch.manual_seed(0)
     clip_file = root / "tiny_clip.bin"
     torch.save(open_clip.create_model(TINY_CLIP).state_dict(), clip_file)
-    return {"inception": str(inception), "clip": str(clip_file), "cache": str(root / "fid_cache")}
+    return {
+        "inception": str(inception),
+        "dinov2": str(dinov2),
+        "clip": str(clip_file),
+        "cache": str(root / "fid_cache"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +103,8 @@ def trained(shards, weights, tmp_path_factory):
         "callbacks.eval.reference_num_images=12",
         f"callbacks.eval.reference_cache_dir={weights['cache']}",
         f"callbacks.eval.inception_weights={weights['inception']}",
+        "callbacks.eval.fd_dinov2=true",
+        f"callbacks.eval.dinov2_weights={weights['dinov2']}",
         f"callbacks.eval.clip_model={TINY_CLIP}",
         f"callbacks.eval.clip_pretrained={weights['clip']}",
         *FAST,
@@ -187,10 +195,14 @@ def test_features_are_put_back_in_image_order():
     pool, logits = torch.randn(10, 2048), torch.randn(10, 1008)
     metric = IndexedFeatures()
     for idx in np.array_split(rng.permutation(10), 3):
-        metric.update(torch.as_tensor(idx), InceptionOutput(pool[idx], logits[idx]))
+        metric.update(torch.as_tensor(idx), pool[idx], logits[idx])
     index, got_pool, got_logits = metric.compute()
     assert index.tolist() == list(range(10))
     assert torch.equal(got_pool, pool) and torch.equal(got_logits, logits)
+    without_logits = IndexedFeatures()  # DINOv2 features come without logits
+    without_logits.update(torch.tensor([1, 0]), pool[[1, 0]])
+    _, got_pool, got_logits = without_logits.compute()
+    assert torch.equal(got_pool, pool[:2]) and got_logits.shape == (2, 0)
 
 
 def test_plan_is_independent_of_world_size():
@@ -380,7 +392,14 @@ def test_callback_logs_fid_and_clip_against_step(trained):
     rows = list(csv.DictReader(metrics_csv.read_text().splitlines()))
     logged = [r for r in rows if r.get("eval/fid")]
     assert [int(r["step"]) for r in logged] == [3]
-    for key in ("eval/fid", "eval/kid_mean", "eval/is_mean", "eval/clip_score"):
+    for key in (
+        "eval/fid",
+        "eval/kid_mean",
+        "eval/is_mean",
+        "eval/precision",
+        "eval/fd_dinov2",
+        "eval/clip_score",
+    ):
         assert np.isfinite(float(logged[0][key])), key
     assert float(logged[0]["eval/fid"]) > 0 and 0 <= float(logged[0]["eval/clip_score"]) <= 100
 
@@ -393,6 +412,8 @@ def _eval_args(trained, shards, weights, out_dir, *extra):
         "reference_num_images=12",
         f"reference_cache_dir={weights['cache']}",
         f"inception_weights={weights['inception']}",
+        "fd_dinov2=true",
+        f"dinov2_weights={weights['dinov2']}",
         f"clip_model={TINY_CLIP}",
         f"clip_pretrained={weights['clip']}",
         "num_images=8",
@@ -402,6 +423,11 @@ def _eval_args(trained, shards, weights, out_dir, *extra):
         f"out_dir={out_dir}",
         *extra,
     ]
+
+
+def clip_only(args: list[str]) -> list[str]:
+    """CLI arguments without a reference set (and so without the metrics that need one)."""
+    return [a for a in args if not a.startswith(("reference=", "fd_dinov2="))]
 
 
 @pytest.fixture(scope="module")
@@ -419,7 +445,9 @@ def test_fid_cli_sweep_writes_results_protocol_plot_and_wandb(sweep, trained):
     }
     result = json.loads((sweep / "result_cfg3.json").read_text())
     metrics, protocol = result["metrics"], result["protocol"]
-    assert set(metrics) == {"fid", "kid_mean", "kid_std", "is_mean", "is_std", "clip_score"}
+    inception_metrics = {"fid", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall"}
+    dinov2_metrics = {"fd_dinov2", "precision_dinov2", "recall_dinov2"}
+    assert set(metrics) == inception_metrics | dinov2_metrics | {"clip_score"}
     assert all(np.isfinite(v) for v in metrics.values())
     assert protocol["num_images"] == protocol["scored_images"] == 8 and protocol["image_size"] == [32, 32]
     assert protocol["sampler"]["name"] == "DDIMSampler" and protocol["sampler"]["num_steps"] == 3
@@ -428,6 +456,10 @@ def test_fid_cli_sweep_writes_results_protocol_plot_and_wandb(sweep, trained):
     assert inception["feature_extractor"]["resize"] == "torch-fidelity"
     assert inception["reference"]["num_images"] == 12 and inception["reference"]["resolution"] == 32
     assert protocol["clip"]["model_name"] == TINY_CLIP
+    dinov2 = protocol["dinov2"]
+    assert dinov2["feature_extractor"]["architecture"] == {"embed_dim": 128, "depth": 2, "num_heads": 2}
+    assert dinov2["feature_extractor"]["resize"] == "torch" and dinov2["reference"]["num_images"] == 12
+    assert dinov2["precision_recall"]["neighborhood"] == 3 and 0 <= metrics["recall_dinov2"] <= 1
     assert result["checkpoint"]["path"] == str(Path(trained["checkpoint"]).resolve())
     points = json.loads((sweep / "sweep.json").read_text())["points"]
     assert [p["guidance_scale"] for p in points] == [1.0, 3.0] and points[1]["fid"] == metrics["fid"]
@@ -442,7 +474,7 @@ def test_fid_cli_sweep_writes_results_protocol_plot_and_wandb(sweep, trained):
 @pytest.mark.slow
 def test_clip_score_cli(trained, shards, weights, tmp_path, sweep):
     args = _eval_args(trained, shards, weights, tmp_path, "guidance_scale=3")
-    run_cli(["eval/clip_score.py", *[a for a in args if not a.startswith("reference=")]])
+    run_cli(["eval/clip_score.py", *clip_only(args)])
     result = json.loads((tmp_path / "result.json").read_text())
     assert set(result["metrics"]) == {"clip_score"} and result["protocol"]["inception"] is None
     reference = json.loads((sweep / "result_cfg3.json").read_text())["metrics"]["clip_score"]
@@ -456,7 +488,7 @@ def test_guidance_interval_outside_every_step_scores_as_no_guidance(
     """guidance_interval reaches the sampler: a band no step's sigma falls in leaves every step unguided, so
     guidance 3 then gives guidance 1's images and score exactly; the protocol records the band."""
     args = _eval_args(trained, shards, weights, tmp_path, "guidance_scale=3", "guidance_interval=[1000,2000]")
-    run_cli(["eval/clip_score.py", *[a for a in args if not a.startswith("reference=")]])
+    run_cli(["eval/clip_score.py", *clip_only(args)])
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["protocol"]["guidance_interval"] == [1000.0, 2000.0]
     unguided = json.loads((sweep / "result_cfg1.json").read_text())["metrics"]["clip_score"]
@@ -480,9 +512,17 @@ def test_two_processes_give_the_one_process_numbers(trained, shards, weights, tm
         # which KID's spread over subsets magnifies: 1.6e-6 relative on torch 2.11. One image left out or counted
         # twice moves every metric by orders of magnitude more.
         assert two["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
-    fresh = load_reference(next(tmp_path.glob("fid_reference_*.npz")))
-    cached = load_reference(next(Path(weights["cache"]).glob("fid_reference_*.npz")))
-    np.testing.assert_allclose(fresh.features, cached.features, rtol=0, atol=1e-6)
+
+    def by_network(folder) -> dict:
+        stats = [load_reference(f) for f in Path(folder).glob("fid_reference_*.npz")]
+        return {
+            s.info["feature_extractor"]["network"]: s for s in stats if s.info.get("requested_images") == 12
+        }
+
+    fresh, cached = by_network(tmp_path), by_network(weights["cache"])
+    assert len(fresh) == 2 and fresh.keys() == cached.keys()  # Inception and DINOv2
+    for network, stats in fresh.items():
+        np.testing.assert_allclose(stats.features, cached[network].features, rtol=0, atol=1e-6)
 
 
 def test_checkpoint_paths_expand_patterns_and_lists(tmp_path):

@@ -39,6 +39,8 @@ class EvalCallback(L.Callback):
         inception_weights: str | None = None,
         resize: str = "torch-fidelity",
         reference_cache_dir: str | None = None,
+        fd_dinov2: bool = False,
+        dinov2_weights: str | None = None,
         clip_model: str | None = "ViT-L-14-quickgelu",
         clip_pretrained: str | None = "openai",
         clip_cache_dir: str | None = None,
@@ -55,6 +57,7 @@ class EvalCallback(L.Callback):
         self.sampler, self.guidance_scale, self.use_ema = sampler, guidance_scale, use_ema
         self.guidance_interval = None if guidance_interval is None else [float(v) for v in guidance_interval]
         self.inception_weights, self.resize = inception_weights, resize
+        self.fd_dinov2, self.dinov2_weights = fd_dinov2, dinov2_weights
         self.clip_model, self.clip_pretrained, self.clip_cache_dir = (
             clip_model,
             clip_pretrained,
@@ -96,6 +99,8 @@ class EvalCallback(L.Callback):
             clip_model=self.clip_model,
             clip_pretrained=self.clip_pretrained,
             clip_cache_dir=self.clip_cache_dir,
+            fd_dinov2=self.fd_dinov2,
+            dinov2_weights=self.dinov2_weights,
             ctx=ctx,
         )
 
