@@ -3,7 +3,8 @@
 - train_multinode.sbatch: 2 nodes × 1 task, CPU DDP. Preempted with `scancel --signal=USR1` once training runs; the
   job must checkpoint, requeue itself, restore from that checkpoint and finish, with every rank taking exactly the
   samples an uninterrupted stream gives.
-- cache_latents.sbatch: 2 tasks split the shards; USR1 requeues the job, which keeps the shards already complete."""
+- cache_latents.sbatch: 2 tasks split the shards; USR1 requeues the job, which keeps the shards already complete.
+- eval.sbatch: 2 tasks evaluate a checkpoint together and report the numbers of one process."""
 
 import json
 import os
@@ -219,3 +220,71 @@ def test_slurm_cache_job_splits_the_shards_and_requeues_keeping_complete_ones(cl
                 torch.testing.assert_close(x["latent_mean"], y["latent_mean"], atol=2e-3, rtol=2e-3)
             else:
                 assert a[member] == b[member], member  # captions and metadata travel unchanged
+
+
+def test_slurm_eval_job_gives_the_one_process_numbers(cluster, setup, tmp_path):  # noqa: F811
+    """eval.sbatch on 2 nodes × 1 task: the ranks meet through srun's environment (no torchrun), share the images
+    out, and report what one process reports for the same checkpoint, protocol and reference."""
+    from eval.dinov2 import save_random_dinov2_weights
+    from eval.features import save_random_inception_weights
+    from ldm.training.run import train
+
+    from .helpers import FAST
+
+    shards, vae = setup
+    cfg = compose_train(
+        "experiment=tiny",
+        f"data.train_urls={shards}",
+        f"autoencoder_ckpt={vae}",
+        "trainer.max_steps=2",
+        "logger=csv",
+        "callbacks.sample_grid=null",
+        *FAST,
+        run_dir=str(tmp_path / "stage2"),
+    )
+    ckpt = train(cfg)["checkpoint"]
+    args = [
+        f"ckpt={ckpt}",
+        "prompts=[a red circle,a blue square,a green star]",
+        f"reference={shards}",
+        "reference_num_images=12",
+        f"reference_cache_dir={tmp_path / 'cache'}",
+        f"inception_weights={save_random_inception_weights(tmp_path / 'inception.pth')}",
+        "fd_dinov2=true",
+        f"dinov2_weights={save_random_dinov2_weights(tmp_path / 'dinov2.pth')}",
+        "clip_model=null",
+        "num_images=8",
+        "batch_size=2",
+        "sampler.num_steps=2",
+        "progress=false",
+    ]
+    one = subprocess.run(
+        [sys.executable, "eval/fid.py", *args, f"out_dir={tmp_path / 'one'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**_job_env(), "HF_HUB_OFFLINE": "1"},
+    )
+    assert one.returncode == 0, one.stderr[-4000:]
+
+    log = tmp_path / "slurm-%j.out"
+    submit = subprocess.run(
+        ["sbatch", "--parsable", "--wait", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1"]
+        + [f"--output={log}", "slurm/eval.sbatch", *args, f"out_dir={tmp_path / 'slurm'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**_job_env(), "HF_HUB_OFFLINE": "1"},
+        timeout=900,  # a guard against a hung job, not a speed requirement
+    )
+    job = submit.stdout.strip().split(";")[0]
+    text = Path(str(log).replace("%j", job)).read_text() if job else ""
+    assert submit.returncode == 0, submit.stderr + text[-4000:]
+    assert "2 task(s)" in text and "eval/fid.py exited" in text
+
+    single = json.loads((tmp_path / "one" / "result.json").read_text())
+    slurm = json.loads((tmp_path / "slurm" / "result.json").read_text())
+    assert single["run"]["world_size"] == 1 and slurm["run"]["world_size"] == 2
+    assert set(slurm["metrics"]) == set(single["metrics"]) and "fd_dinov2" in slurm["metrics"]
+    for key, value in single["metrics"].items():
+        assert slurm["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
