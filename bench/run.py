@@ -8,6 +8,7 @@ docs/benchmarks.md (machine, versions, command).
     python bench/run.py loader       # data-loader throughput (bench/loader.py)
     python bench/run.py fsdp         # training state and memory per rank, DDP vs strategy=fsdp (bench/fsdp_memory.py)
     python bench/run.py ema          # EMA and post-hoc EMA update per step, snapshot size and write time
+    python bench/run.py eval         # evaluation: Inception / DINOv2 features per image, precision/recall time
     python bench/run.py all          # all of the above
     python bench/run.py lease --budget 420   # a GPU lease's run: the SD2-size cases first, whatever fits the budget
     python bench/run.py <mode> --quick   # a smoke run in seconds: tiny size, 2 iterations; JSON to /tmp, no markdown
@@ -395,6 +396,54 @@ def mode_ema(args) -> tuple[list[dict], list[str]]:
     return results, rows + [""] + notes
 
 
+def _eval_costs(device: torch.device, batch: int, reps: int, n_prc: int, dinov2_size=(1024, 24)) -> dict:
+    from eval.dinov2 import DINOv2Features, save_random_dinov2_weights
+    from eval.features import InceptionFeatures, save_random_inception_weights
+    from eval.fid import precision_recall
+
+    images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8)
+    with tempfile.TemporaryDirectory() as tmp:  # the real architectures; timings do not depend on the weights
+        inception = InceptionFeatures(save_random_inception_weights(Path(tmp) / "i.pth")).to(device)
+        dinov2 = DINOv2Features(save_random_dinov2_weights(Path(tmp) / "d.pth", *dinov2_size)).to(device)
+    result = {"device": device.type, "batch": batch, "prc_images": n_prc, "dinov2_size": list(dinov2_size)}
+    for name, extractor in (("inception", inception), ("dinov2", dinov2)):
+        result[f"{name}_ms_per_image"] = (
+            _timed_ms(lambda e=extractor: e(images.to(device)), device, reps) / batch
+        )
+    generator = torch.Generator().manual_seed(0)
+    for dim in (2048, 1024):
+        gen, real = (torch.randn(n_prc, dim, generator=generator).to(device) for _ in range(2))
+        result[f"prc_{dim}_s"] = _timed_ms(lambda g=gen, r=real: precision_recall(g, r), device, 1) / 1e3
+    return result
+
+
+def mode_eval(args) -> tuple[list[dict], list[str]]:
+    """What the evaluation adds to sampling: feature extraction per image (Inception for FID/KID/IS, DINOv2
+    ViT-L/14 for FD_DINOv2) and precision / recall over N generated and N reference features."""
+    device = torch.device("cuda" if _on_gpu() else "cpu")
+    batch, reps = (2, 1) if args.quick else (16 if device.type == "cpu" else 64, 3)
+    n_prc = 500 if args.quick else 10000
+    r = _eval_costs(device, batch, reps, n_prc, (384, 12) if args.quick else (1024, 24))  # quick: ViT-S
+    print(
+        f"  Inception {r['inception_ms_per_image']:.1f} ms/img, DINOv2 {r['dinov2_ms_per_image']:.1f} "
+        f"ms/img, precision/recall {r['prc_2048_s']:.1f} s / {r['prc_1024_s']:.1f} s",
+        flush=True,
+    )
+    rows = [
+        f"| device | Inception-v3, 299 px (ms/image) | DINOv2 {'ViT-S/14' if args.quick else 'ViT-L/14'}, 224 px (ms/image) "
+        f"| precision/recall, {n_prc:,} vs {n_prc:,}, 2048-d (s) | same, 1024-d (s) |",
+        "|" + " --- |" * 5,
+        f"| {device.type} | {r['inception_ms_per_image']:.1f} | {r['dinov2_ms_per_image']:.1f} "
+        f"| {r['prc_2048_s']:.1f} | {r['prc_1024_s']:.1f} |",
+    ]
+    notes = [
+        f"Features: 256-px uint8 images in batches of {batch}, resized by each protocol (torch-fidelity's TF1 "
+        f"bilinear; bicubic with antialias), fp32, mean of {reps} batches after one untimed. Precision/recall: "
+        "torch-fidelity's k = 3 (distances in blocks of 10k rows), once, on random features."
+    ]
+    return [r], rows + [""] + notes
+
+
 MODES = {
     "train": ("UNet training step", mode_train),
     "fastpaths": ("Fast paths on/off", mode_fastpaths),
@@ -403,6 +452,7 @@ MODES = {
     "loader": ("Data-loader throughput", mode_loader),
     "fsdp": ("Training state per rank: DDP vs strategy=fsdp", mode_fsdp),
     "ema": ("EMA and post-hoc EMA cost per step", mode_ema),
+    "eval": ("Evaluation cost: features per image, precision/recall", mode_eval),
 }
 
 

@@ -291,3 +291,14 @@ def test_ema_mode_measures_both_averages_and_a_float16_snapshot(tmp_path):
     # two averages of every parameter at 2 bytes each, plus the file's header
     assert result["snapshot_gb"] * 1e9 == pytest.approx(2 * 2 * result["params"], rel=0.02)
     assert "| tiny |" in proc.stdout
+
+
+def test_eval_mode_times_both_extractors_and_precision_recall(tmp_path):
+    cmd = [sys.executable, "bench/run.py", "eval", "--quick", "--json-dir", str(tmp_path), "--markdown", ""]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = json.loads((tmp_path / "eval.json").read_text())["results"]
+    assert result["dinov2_size"] == [384, 12] and result["prc_images"] == 500
+    for key in ("inception_ms_per_image", "dinov2_ms_per_image", "prc_2048_s", "prc_1024_s"):
+        assert result[key] > 0, key
+    assert "| DINOv2 ViT-S/14, 224 px (ms/image) |" in proc.stdout  # quick: the small one
