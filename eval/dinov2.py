@@ -67,6 +67,16 @@ def find_dinov2_weights(path: str | os.PathLike | None = None) -> Path:
     )
 
 
+def load_state(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Meta's `.pth` (as torch hub keeps it), or timm's `model.safetensors` of `vit_large_patch14_dinov2.lvd142m`
+    (the same tensors under the same names, less the mask token). Data only: `weights_only` / safetensors."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def architecture(state: dict[str, Tensor]) -> dict:
     """Width, depth and position grid of a DINOv2 state dict in Meta's layout (dinov2_vit*14_pretrain.pth)."""
     if "register_tokens" in state:
@@ -140,7 +150,7 @@ class DINOv2Features(nn.Module):
         self.resize = resize
         self.weights_path = find_dinov2_weights(weights)
         try:
-            state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
+            state = load_state(self.weights_path)
         except Exception as err:
             raise MissingWeightsError(
                 f"dinov2_weights={self.weights_path} is not a readable state dict like {DINOV2_FILE}: {err}"

@@ -3,7 +3,8 @@
 No DINOv2 weights can be downloaded here: a small random state dict in Meta's layout (mask token, a 37×37 position
 grid as in the 518-px checkpoints) goes through the real loading path. The network is checked against a forward
 pass written from the DINOv2 paper's and hub model's definition with plain tensor operations, including the hub
-model's bicubic resize of the position grid, computed here in numpy from the interpolation formula.
+model's bicubic resize of the position grid, computed here in numpy from the interpolation formula; and its blocks
+against transformers' independent Dinov2Model.
 """
 
 import math
@@ -108,6 +109,52 @@ def test_network_matches_an_independent_dinov2_forward(weights):
     assert (timm_grid - hub_position_grid(state["pos_embed"], 16)).abs().max() > 1e-2
 
 
+def meta_layout(hf_state: dict) -> dict:
+    """transformers' Dinov2Model state dict → Meta's layout (what dinov2_vitl14_pretrain.pth holds)."""
+    out = {
+        "cls_token": hf_state["embeddings.cls_token"],
+        "mask_token": hf_state["embeddings.mask_token"],
+        "pos_embed": hf_state["embeddings.position_embeddings"],
+        "patch_embed.proj.weight": hf_state["embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": hf_state["embeddings.patch_embeddings.projection.bias"],
+        "norm.weight": hf_state["layernorm.weight"],
+        "norm.bias": hf_state["layernorm.bias"],
+    }
+    depth = 1 + max(int(k.split(".")[2]) for k in hf_state if k.startswith("encoder.layer."))
+    for i in range(depth):
+        hf, b = f"encoder.layer.{i}", f"blocks.{i}"
+        for kind in ("weight", "bias"):
+            qkv = [hf_state[f"{hf}.attention.{p}_proj.{kind}"] for p in "qkv"]
+            out[f"{b}.attn.qkv.{kind}"] = torch.cat(qkv)
+            out[f"{b}.attn.proj.{kind}"] = hf_state[f"{hf}.attention.o_proj.{kind}"]
+            for name in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
+                out[f"{b}.{name}.{kind}"] = hf_state[f"{hf}.{name}.{kind}"]
+        out[f"{b}.ls1.gamma"] = hf_state[f"{hf}.layer_scale1.lambda1"]
+        out[f"{b}.ls2.gamma"] = hf_state[f"{hf}.layer_scale2.lambda1"]
+    return out
+
+
+def test_blocks_match_transformers_dinov2(tmp_path):
+    """A second, third-party implementation: transformers' Dinov2Model (a dev dependency) with a 16×16 grid, where
+    no position resize happens, converted to Meta's layout and loaded through the real path."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=224, layerscale_value=0.5
+    )
+    hf = Dinov2Model(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():  # off the init values, so that every tensor shows in the output
+            p.add_(torch.randn_like(p) * 0.05)
+    torch.save(meta_layout(hf.state_dict()), tmp_path / "hf.pth")
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(pixel_values=x).pooler_output  # the final LayerNorm's class token
+        ours = DINOv2Features(tmp_path / "hf.pth").net(x)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+
+
 def test_features_of_images_go_through_the_recorded_resize(weights):
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 40, 56), dtype=np.uint8))
     torch_mode, pil_mode = DINOv2Features(weights, "torch"), DINOv2Features(weights, "pil")
@@ -142,6 +189,19 @@ def test_weights_found_offline_or_a_clear_error(weights, monkeypatch, tmp_path):
     cache.parent.mkdir(parents=True)
     cache.write_bytes(weights.read_bytes())
     assert DINOv2Features().weights_path == cache
+
+
+def test_timm_safetensors_layout_loads_the_same_network(weights, tmp_path):
+    """timm's hub file (model.safetensors of vit_large_patch14_dinov2.lvd142m) holds Meta's tensors less the mask
+    token: it gives the same features."""
+    from safetensors.torch import save_file
+
+    state = torch.load(weights, weights_only=True)
+    save_file({k: v.contiguous() for k, v in state.items() if k != "mask_token"}, tmp_path / "model.safetensors")
+    images = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8))
+    torch.testing.assert_close(
+        DINOv2Features(tmp_path / "model.safetensors")(images), DINOv2Features(weights)(images), rtol=0, atol=0
+    )
 
 
 def test_other_dinov2_variants_are_refused(weights):
