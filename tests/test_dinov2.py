@@ -197,10 +197,15 @@ def test_timm_safetensors_layout_loads_the_same_network(weights, tmp_path):
     from safetensors.torch import save_file
 
     state = torch.load(weights, weights_only=True)
-    save_file({k: v.contiguous() for k, v in state.items() if k != "mask_token"}, tmp_path / "model.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in state.items() if k != "mask_token"}, tmp_path / "model.safetensors"
+    )
     images = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8))
     torch.testing.assert_close(
-        DINOv2Features(tmp_path / "model.safetensors")(images), DINOv2Features(weights)(images), rtol=0, atol=0
+        DINOv2Features(tmp_path / "model.safetensors")(images),
+        DINOv2Features(weights)(images),
+        rtol=0,
+        atol=0,
     )
 
 
