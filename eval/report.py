@@ -20,53 +20,66 @@ def write_json(obj: dict, path: str | os.PathLike) -> Path:
     return path
 
 
+_LABELS = {"fid": "FID", "fd_dinov2": "FD_DINOv2", "clip_score": "CLIP score"}
+
+
+def _distances(metrics: list[dict]) -> list[str]:
+    """The distances every result has: FID, and FD_DINOv2 when it was computed."""
+    return [m for m in ("fid", "fd_dinov2") if all(r.get(m) is not None for r in metrics)]
+
+
 def plot_sweep(results: list[dict], path: str | os.PathLike) -> Path:
-    """FID against CLIP score, one point per guidance scale (the trade-off curve of Saharia et al. 2022, fig. A.11);
-    FID against the scale when there is no CLIP score."""
+    """FID (and FD_DINOv2, in a panel of its own) against CLIP score, one point per guidance scale (the trade-off
+    curve of Saharia et al. 2022, fig. A.11); against the scale when there is no CLIP score."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     scales = [r["guidance_scale"] for r in results]
-    fid = [r["metrics"].get("fid", math.nan) for r in results]
     clip = [r["metrics"].get("clip_score") for r in results]
     x, xlabel = (clip, "CLIP score") if all(c is not None for c in clip) else (scales, "guidance scale")
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    ax.plot(x, fid, "o-")
-    for xi, yi, g in zip(x, fid, scales, strict=True):
-        ax.annotate(f"w={g:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    distances = _distances([r["metrics"] for r in results]) or ["fid"]
+    fig, axes = plt.subplots(1, len(distances), figsize=(5 * len(distances), 4), dpi=120, squeeze=False)
     protocol = results[0]["protocol"]
-    ax.set(xlabel=xlabel, ylabel="FID", title=f"guidance sweep, {protocol['num_images']} images")
-    ax.grid(alpha=0.3)
-    ax.ticklabel_format(useOffset=False)
+    for ax, metric in zip(axes[0], distances, strict=True):
+        y = [r["metrics"].get(metric, math.nan) for r in results]
+        ax.plot(x, y, "o-")
+        for xi, yi, g in zip(x, y, scales, strict=True):
+            ax.annotate(f"w={g:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set(
+            xlabel=xlabel, ylabel=_LABELS[metric], title=f"guidance sweep, {protocol['num_images']} images"
+        )
+        ax.grid(alpha=0.3)
+        ax.ticklabel_format(useOffset=False)
     return _save_figure(fig, path)
 
 
 def plot_checkpoints(points: list[dict], path: str | os.PathLike) -> Path:
-    """FID (CLIP score without a reference) per checkpoint, one line per guidance scale: against the EMA width when
-    every checkpoint is a post-hoc EMA (scripts/posthoc_ema.py), else in the order given, named."""
+    """FID and FD_DINOv2 (CLIP score without a reference) per checkpoint, one line per guidance scale: against the
+    EMA width when every checkpoint is a post-hoc EMA (scripts/posthoc_ema.py), else in the order given, named."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = "fid" if all(p.get("fid") is not None for p in points) else "clip_score"
+    metrics = _distances(points) or ["clip_score"]
     widths = [(p.get("posthoc_ema") or {}).get("sigma_rel") for p in points]
     by_width = all(w is not None for w in widths)
     names = list(dict.fromkeys(p["name"] for p in points))
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for scale in dict.fromkeys(p["guidance_scale"] for p in points):
-        mine = [(w, p) for w, p in zip(widths, points, strict=True) if p["guidance_scale"] == scale]
-        x = [w if by_width else names.index(p["name"]) for w, p in mine]
-        ax.plot(x, [p[metric] for _, p in mine], "o-", label=f"w={scale:g}")
-    if by_width:
-        ax.set_xlabel("post-hoc EMA width sigma_rel")
-    else:
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.set(ylabel="FID" if metric == "fid" else "CLIP score", title=f"{len(names)} checkpoints")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), dpi=120, squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for scale in dict.fromkeys(p["guidance_scale"] for p in points):
+            mine = [(w, p) for w, p in zip(widths, points, strict=True) if p["guidance_scale"] == scale]
+            x = [w if by_width else names.index(p["name"]) for w, p in mine]
+            ax.plot(x, [p[metric] for _, p in mine], "o-", label=f"w={scale:g}")
+        if by_width:
+            ax.set_xlabel("post-hoc EMA width sigma_rel")
+        else:
+            ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set(ylabel=_LABELS[metric], title=f"{len(names)} checkpoints")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     return _save_figure(fig, path)
 
 
