@@ -44,6 +44,8 @@ def _sample(cfg: DictConfig, ckpt: str, device: str, out_dir: str, batch: dict |
     from ldm.utils.images import save_png, to_pil
 
     pipe, _ = TextToImage.from_checkpoint(ckpt, use_ema=cfg.use_ema, device=device)
+    if cfg.guide_ckpt:
+        pipe.load_guide(cfg.guide_ckpt)
     sampler = instantiate(cfg.sampler)
     if warning := late_start_warning(pipe.diffusion, sampler):
         print(f"warning: {warning}")
@@ -88,6 +90,7 @@ def _sample(cfg: DictConfig, ckpt: str, device: str, out_dir: str, batch: dict |
     extra = {
         "checkpoint": str(ckpt),
         "use_ema": cfg.use_ema,
+        "guide_ckpt": cfg.guide_ckpt,
     }
     grid = write_samples(
         pipe,

@@ -209,6 +209,7 @@ class EvalSettings:
     guidance_scale: float = 3.0
     guidance_scales: list[float] | None = None
     guidance_interval: list[float] | None = None
+    guide_ckpt: str | None = None
     use_ema: bool = True
     batch_size: int = 32
     height: int | None = None
@@ -301,6 +302,8 @@ def _evaluate_checkpoint(
 
     device = resolve_device(s.device, ctx)
     pipe, bundle = TextToImage.from_checkpoint(s.ckpt, use_ema=s.use_ema, device=device)
+    if s.guide_ckpt:
+        pipe.load_guide(s.guide_ckpt)
     height, width = s.height or pipe.image_size[0], s.width or pipe.image_size[1]
     captions = load_captions(s.prompts, s.captions_from, s.num_images)
     resolution = s.reference_resolution or min(height, width)
@@ -339,6 +342,8 @@ def _evaluate_checkpoint(
                 "sampler": {**describe_sampler(sampler), **(sampler_config or {})},
                 "guidance_scale": g,
                 **({"guidance_interval": list(s.guidance_interval)} if s.guidance_interval else {}),
+                "guidance": "autoguidance" if pipe.guide is not None else "classifier-free",
+                **({"guide": pipe.guide_info} if pipe.guide is not None else {}),
                 "use_ema": s.use_ema,
                 **evaluator.protocol(),
             },

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ldm.conditioning import Conditioning, FrozenOpenCLIPTextEncoder
 from ldm.data.masks import inpainting_input
-from ldm.diffusion import GaussianDiffusion, InitImage, classifier_free_guidance
+from ldm.diffusion import GaussianDiffusion, InitImage, autoguidance, classifier_free_guidance
 from ldm.models import CrossAttentionUNet, KLAutoencoder
 from ldm.models.unet import default_micro_conditioning
 from ldm.utils.checkpoint import CONTENTS_KEY, WEIGHTS_ONLY, load_bundle, submodule_state
@@ -98,14 +98,50 @@ class TextToImage:
     ) -> None:
         self.unet, self.codec, self.text_encoder, self.diffusion = unet, codec, text_encoder, diffusion
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.guide: CrossAttentionUNet | None = None  # autoguidance's weaker model (`load_guide`)
+        self.guide_info: dict | None = None
+        self._bundle: dict | None = None  # the checkpoint's self-description (from_checkpoint)
 
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
     def to(self, device: str | torch.device) -> TextToImage:
-        for m in (self.unet, self.codec, self.text_encoder):
-            m.to(device)
+        for m in (self.unet, self.codec, self.text_encoder, self.guide):
+            if m is not None:
+                m.to(device)
+        return self
+
+    def load_guide(self, path: str | os.PathLike, use_ema: bool = True) -> TextToImage:
+        """Guide with a weaker model (autoguidance, Karras et al. 2024) instead of the unconditional output: a
+        stage-2 checkpoint trained for less and/or smaller (`unet=` of another width), in the same latent space, with
+        the same text encoder and the same diffusion (schedule and parameterization). Anything else is refused,
+        naming the difference. Only its UNet is kept."""
+        other, bundle = TextToImage.from_checkpoint(path, use_ema=use_ema)
+        mine = self._bundle or {}
+        problems = []
+        if (mine.get("config") or {}).get("diffusion") != bundle["config"].get("diffusion"):
+            problems.append(
+                f"diffusion {bundle['config'].get('diffusion')} ≠ {(mine.get('config') or {}).get('diffusion')}"
+            )
+        if not _same_state(self.codec, other.codec):
+            problems.append("another autoencoder or latent scale/shift (the latent spaces differ)")
+        if not _same_state(self.text_encoder, other.text_encoder):
+            problems.append("another text encoder (other weights or architecture)")
+        for attr in ("in_channels", "out_channels", "micro_conditioning"):
+            if getattr(self.unet, attr, None) != getattr(other.unet, attr, None):
+                problems.append(
+                    f"UNet {attr} {getattr(other.unet, attr, None)} ≠ {getattr(self.unet, attr, None)}"
+                )
+        if problems:
+            raise ValueError(f"guide_ckpt={path} cannot guide this model: " + "; ".join(problems))
+        self.guide = other.unet.to(self.device).eval()
+        self.guide_info = {
+            "path": str(Path(path).resolve()),
+            "name": bundle["config"].get("name"),
+            "use_ema": use_ema,
+            "unet_params": sum(p.numel() for p in self.guide.parameters()),
+        }
         return self
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
@@ -148,6 +184,8 @@ class TextToImage:
         half of classifier-free guidance, so the samples are steered away from it; None or "" is the empty prompt.
         ``guidance_interval`` (sigma_lo, sigma_hi): guide only the steps whose noise level sigma is in
         (sigma_lo, sigma_hi] (`ldm.diffusion.classifier_free_guidance`); None guides every step.
+        With a guide model (`load_guide`) the guidance is autoguidance: the guide's conditional output takes the
+        unconditional one's place (`ldm.diffusion.autoguidance`).
         """
         if init_image is not None:
             height, width = init_image.shape[-2:]
@@ -160,21 +198,41 @@ class TextToImage:
             [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         )
         cond = self.text_encoder(list(prompts))
-        uncond = self._unconditional(len(prompts), negative_prompt) if guidance_scale != 1.0 else None
         init = self._init(init_image, strength, mask, len(prompts))
         concat = None
         if is_inpainting_unet(self.unet):
             concat, init = self._inpainting_input(init, len(prompts), shape)
-        model_fn = classifier_free_guidance(
-            unet_denoiser(self.unet, concat, self._micro(len(prompts), height, width)),
-            cond,
-            uncond,
-            guidance_scale,
-            cat=Conditioning.cat,
-            rescale=guidance_rescale,
-            interval=None if guidance_interval is None else tuple(guidance_interval),
-            sigma_at=self.diffusion.sigma_at,
-        )
+        micro = self._micro(len(prompts), height, width)
+        interval = None if guidance_interval is None else tuple(guidance_interval)
+        if self.guide is not None:
+            if negative_prompt is not None and any(
+                [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+            ):
+                raise ValueError(
+                    "a negative prompt steers classifier-free guidance; with a guide model (autoguidance) both "
+                    "passes see the prompt itself: drop guide_ckpt or negative_prompt"
+                )
+            model_fn = autoguidance(
+                unet_denoiser(self.unet, concat, micro),
+                unet_denoiser(self.guide, concat, micro),
+                cond,
+                guidance_scale,
+                rescale=guidance_rescale,
+                interval=interval,
+                sigma_at=self.diffusion.sigma_at,
+            )
+        else:
+            uncond = self._unconditional(len(prompts), negative_prompt) if guidance_scale != 1.0 else None
+            model_fn = classifier_free_guidance(
+                unet_denoiser(self.unet, concat, micro),
+                cond,
+                uncond,
+                guidance_scale,
+                cat=Conditioning.cat,
+                rescale=guidance_rescale,
+                interval=interval,
+                sigma_at=self.diffusion.sigma_at,
+            )
         generator = torch.Generator(self.device).manual_seed(int(seeds[0]))
         z = sampler(
             model_fn, self.diffusion, noise.to(self.device), generator=generator, progress=progress, init=init
@@ -258,7 +316,16 @@ class TextToImage:
         codec = LatentCodec(build_autoencoder(cfg))
         codec.load_state_dict(submodule_state(state, "codec"))
         pipe = cls(unet.eval(), codec.eval(), text_encoder, parts["diffusion"], cfg["data"]["resolution"])
+        pipe._bundle = bundle
         return pipe.to(device), bundle
+
+
+def _same_state(a: nn.Module, b: nn.Module) -> bool:
+    """The same tensors under the same names (parameters and buffers)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa
+    )
 
 
 def load_autoencoder(

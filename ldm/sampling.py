@@ -312,6 +312,7 @@ REPRODUCED_KEYS = (
     "guidance_rescale",
     "guidance_interval",
     "negative_prompt",
+    "guide_ckpt",
     "height",
     "width",
     "use_ema",

@@ -6,7 +6,12 @@ Pure tensor code (torch, math, einops): the network is a callable and the condit
 
 from ldm.diffusion.flow import RectifiedFlow, flow_sigmas
 from ldm.diffusion.gaussian import DiffusionLoss, GaussianDiffusion
-from ldm.diffusion.guidance import classifier_free_guidance, drop_conditioning, rescale_guidance
+from ldm.diffusion.guidance import (
+    autoguidance,
+    classifier_free_guidance,
+    drop_conditioning,
+    rescale_guidance,
+)
 from ldm.diffusion.init_image import InitImage
 from ldm.diffusion.k_samplers import (
     DPMSolverPP2MSampler,
@@ -29,6 +34,7 @@ __all__ = [
     "HeunSampler",
     "InitImage",
     "RectifiedFlow",
+    "autoguidance",
     "classifier_free_guidance",
     "drop_conditioning",
     "flow_sigmas",

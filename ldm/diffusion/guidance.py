@@ -1,4 +1,5 @@
-"""Classifier-free guidance (Ho & Salimans 2022): conditioning dropout at training, guided denoiser at sampling."""
+"""Classifier-free guidance (Ho & Salimans 2022): conditioning dropout at training, guided denoiser at sampling;
+autoguidance (Karras et al. 2024): guidance by a weaker model instead of the unconditional output."""
 
 from __future__ import annotations
 
@@ -49,6 +50,47 @@ def classifier_free_guidance(
     ``uncond is None`` or ``scale == 1`` → the plain conditional call. With ``cat`` (e.g. ``Conditioning.cat``),
     cond and uncond go through the network in one batched call on ``[x, x]``; without it, two calls.
     """
+    if uncond is None or scale == 1.0:
+        _check(rescale, interval, sigma_at)
+        return _conditional(denoiser, cond)
+    both = cat([cond, uncond]) if cat is not None else None
+
+    def pair(x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        if both is not None:
+            out_cond, out_uncond = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
+            return out_cond, out_uncond
+        return denoiser(x_t, t, cond), denoiser(x_t, t, uncond)
+
+    return _guided(pair, _conditional(denoiser, cond), scale, rescale, interval, sigma_at)
+
+
+def autoguidance(
+    denoiser: Callable[[Tensor, Tensor, Any], Tensor],
+    guide: Callable[[Tensor, Tensor, Any], Tensor],
+    cond: Any,
+    scale: float,
+    rescale: float = 0.0,
+    interval: tuple[float, float] | None = None,
+    sigma_at: Callable[[Tensor], Tensor] | None = None,
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself", eq. 2): the
+    reference output is not the unconditional one but a weaker model's (`guide`: smaller and/or trained for less)
+    with the *same* conditioning, ``out_guide + scale * (out - out_guide)``. It pushes the samples away from the
+    errors the weaker model makes and the stronger one makes less, without the loss of diversity that classifier-free
+    guidance pays for its gain in prompt alignment. The guide must share the latent space, the conditioning and the
+    diffusion's parameterization. ``rescale`` and ``interval`` work as in `classifier_free_guidance`; ``scale == 1``
+    is the plain call."""
+    if scale == 1.0:
+        _check(rescale, interval, sigma_at)
+        return _conditional(denoiser, cond)
+
+    def pair(x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return denoiser(x_t, t, cond), guide(x_t, t, cond)
+
+    return _guided(pair, _conditional(denoiser, cond), scale, rescale, interval, sigma_at)
+
+
+def _check(rescale: float, interval: tuple[float, float] | None, sigma_at) -> None:
     if not 0.0 <= rescale <= 1.0:
         raise ValueError(f"guidance rescale must be in [0, 1], got {rescale}")
     if interval is not None:
@@ -59,14 +101,26 @@ def classifier_free_guidance(
             )
         if sigma_at is None:
             raise ValueError("a guidance interval needs sigma_at (the diffusion's sigma_at)")
-    if uncond is None or scale == 1.0:
 
-        def conditional(x_t: Tensor, t: Tensor) -> Tensor:
-            return denoiser(x_t, t, cond)
 
-        return conditional
+def _conditional(denoiser: Callable, cond: Any) -> Callable[[Tensor, Tensor], Tensor]:
+    def conditional(x_t: Tensor, t: Tensor) -> Tensor:
+        return denoiser(x_t, t, cond)
 
-    both = cat([cond, uncond]) if cat is not None else None
+    return conditional
+
+
+def _guided(
+    pair: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+    conditional: Callable[[Tensor, Tensor], Tensor],
+    scale: float,
+    rescale: float,
+    interval: tuple[float, float] | None,
+    sigma_at: Callable[[Tensor], Tensor] | None,
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """``ref + scale (out - ref)`` from ``pair(x_t, t) = (out, ref)``, rescaled, and only inside the interval."""
+    _check(rescale, interval, sigma_at)
+    lo, hi = (float(v) for v in interval) if interval is not None else (0.0, 0.0)
 
     def guided(x_t: Tensor, t: Tensor) -> Tensor:
         inside = None
@@ -74,13 +128,9 @@ def classifier_free_guidance(
             sigma = sigma_at(t.reshape(-1).expand(x_t.shape[0]))
             inside = (sigma > lo) & (sigma <= hi)
             if not inside.any():
-                return denoiser(x_t, t, cond)
-        if both is not None:
-            out_cond, out_uncond = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), both).chunk(2)
-        else:
-            out_cond = denoiser(x_t, t, cond)
-            out_uncond = denoiser(x_t, t, uncond)
-        out = out_uncond + scale * (out_cond - out_uncond)
+                return conditional(x_t, t)
+        out_cond, out_ref = pair(x_t, t)
+        out = out_ref + scale * (out_cond - out_ref)
         if rescale > 0:
             out = rescale_guidance(out, out_cond, rescale)
         if inside is not None and not inside.all():  # samples at different noise levels in one batch
