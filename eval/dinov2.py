@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from eval.features import file_sha256
 from eval.fid import FeatureScorer
+from ldm.utils.checkpoint import file_sha256
 from ldm.utils.weights import MissingWeightsError, find_weights
 
 DINOV2_FILE = "dinov2_vitl14_pretrain.pth"

@@ -17,7 +17,6 @@ Both take 8-bit images (what a PNG of a sample holds), so real and generated ima
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
+from ldm.utils.checkpoint import file_sha256
 from ldm.utils.weights import MissingWeightsError, find_weights
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -80,14 +80,6 @@ def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
         what="FID Inception-v3 (torch-fidelity)",
         config_key="inception_weights",
     )
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _Architecture(FeatureExtractorInceptionV3):

@@ -90,6 +90,18 @@ class Evaluator:
         """Load the networks and the reference statistics (computing and caching them if needed: all processes)."""
         ctx = ctx or dist_context()
         inception = clip = dinov2 = None
+
+        def stats(extractor):  # each feature space has its own cached statistics of the same images
+            args = (
+                resolution,
+                reference_num_images,
+                extractor,
+                reference_cache_dir,
+                reference_batch_size,
+                ctx,
+            )
+            return reference_stats(reference, *args)
+
         if fd_dinov2:
             if not reference:
                 raise ValueError("fd_dinov2=true needs reference images (reference=<shards>)")
@@ -98,29 +110,17 @@ class Evaluator:
                     f"fd_dinov2=true needs reference shards: {reference} holds Inception statistics only"
                 )
             extractor = DINOv2Features(dinov2_weights, dinov2_resize).to(device)
-            stats = reference_stats(
-                reference,
-                resolution,
-                reference_num_images,
-                extractor,
-                reference_cache_dir,
-                reference_batch_size,
-                ctx,
-            )
-            dinov2 = DINOv2Scorer(extractor, stats, prc_neighborhood)
+            dinov2 = DINOv2Scorer(extractor, stats(extractor), prc_neighborhood)
         if reference:
             extractor = InceptionFeatures(inception_weights, resize).to(device)
-            stats = reference_stats(
-                reference,
-                resolution,
-                reference_num_images,
-                extractor,
-                reference_cache_dir,
-                reference_batch_size,
-                ctx,
-            )
             inception = InceptionScorer(
-                extractor, stats, kid_subsets, kid_subset_size, isc_splits, rng_seed, prc_neighborhood
+                extractor,
+                stats(extractor),
+                kid_subsets,
+                kid_subset_size,
+                isc_splits,
+                rng_seed,
+                prc_neighborhood,
             )
         if clip_model:
             clip = ClipScore(clip_model, clip_pretrained, clip_cache_dir).to(device)

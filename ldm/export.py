@@ -23,7 +23,6 @@ converters and compare outputs with ours.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -47,7 +46,14 @@ from ldm.models.convert_unet import (
 )
 from ldm.models.convert_vae import WRAPPER_PREFIX as COMPVIS_VAE_PREFIX
 from ldm.models.convert_vae import diffusers_vae_config, ldm_to_diffusers
-from ldm.utils.checkpoint import CONTENTS_KEY, WEIGHTS_ONLY, load_bundle, save_safetensors, submodule_state
+from ldm.utils.checkpoint import (
+    CONTENTS_KEY,
+    WEIGHTS_ONLY,
+    file_sha256,
+    load_bundle,
+    save_safetensors,
+    submodule_state,
+)
 from ldm.utils.sd_config import COMPVIS_TEXT_PREFIX, compvis_schedule, sd_inference_config
 
 Format = Literal["diffusers", "sd"]
@@ -125,7 +131,7 @@ class ExportedParts:
         """Provenance: the source checkpoint (hashed once: an SD2-size one is gigabytes), its step, which weights."""
         return {
             "checkpoint": str(self.path.resolve()),
-            "sha256": _sha256(self.path),
+            "sha256": file_sha256(self.path),
             "global_step": self.step,
             "weights": "ema" if self.use_ema else "raw",
             "diffusion": self.diffusion.describe(),
@@ -336,11 +342,3 @@ def _write_sd(parts: ExportedParts, out: Path, dtype: torch.dtype) -> dict:
         tmp.unlink(missing_ok=True)
         tmp_yaml.unlink(missing_ok=True)
     return {"config": str(yaml_path), "tensors": len(state), "notes": []}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

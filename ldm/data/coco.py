@@ -17,7 +17,6 @@ so `num_images` is the number written. Each shard is written to a temporary name
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import webdataset as wds
 from PIL import Image
+
+from ldm.utils.checkpoint import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,6 @@ def read_annotations(path: str | os.PathLike) -> tuple[list[dict], dict[int, lis
             captions[ann["image_id"]].append((ann.get("id", i), " ".join(text.split())))
     ordered = {image_id: [t for _, t in sorted(caps)] for image_id, caps in captions.items()}
     return sorted(data["images"], key=lambda im: im["id"]), ordered
-
-
-def _file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _checked_image(path: Path) -> tuple[bytes, str, tuple[int, int]]:
@@ -151,7 +144,7 @@ def coco_to_shards(
     record = {
         "images": str(images_dir.resolve()),
         "annotations": str(Path(annotations).resolve()),
-        "annotations_sha256": _file_sha256(annotations),
+        "annotations_sha256": file_sha256(annotations),
         "seed": seed,
         "caption": caption
         if caption == "first"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import tempfile
 from collections.abc import Sequence
@@ -16,6 +17,15 @@ BUNDLE_KEY = "ldm"  # where a checkpoint keeps its self-description (config, lat
 FORMAT_VERSION = 1
 CONTENTS_KEY = "contents"  # in the bundle: absent for a full (resumable) checkpoint
 WEIGHTS_ONLY = "weights_only"  # a weights-only checkpoint: EMA UNet / autoencoder for sampling and evaluation
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (weight files are GBs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def file_mode() -> int:
