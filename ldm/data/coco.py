@@ -17,7 +17,6 @@ so `num_images` is the number written. Each shard is written to a temporary name
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -26,8 +25,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import webdataset as wds
-from PIL import Image
 
+from ldm.data.transforms import decode_image
 from ldm.utils.checkpoint import file_sha256
 
 log = logging.getLogger(__name__)
@@ -52,11 +51,10 @@ def read_annotations(path: str | os.PathLike) -> tuple[list[dict], dict[int, lis
 
 
 def _checked_image(path: Path) -> tuple[bytes, str, tuple[int, int]]:
-    """(bytes, extension, (width, height)) of an image file that decodes; raises otherwise."""
+    """(bytes, extension, stored (width, height)) of an image file that the data pipeline's decoder reads in full
+    (a truncated file fails here, not in the evaluation); raises otherwise."""
     data = path.read_bytes()
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()  # decodes the pixels: a truncated file fails here, not in the evaluation
-        size = image.size
+    size = decode_image(data, exif_transpose=False).size
     ext = path.suffix.lower().lstrip(".")
     return data, "jpg" if ext in ("jpg", "jpeg") else ext, size
 
