@@ -71,6 +71,12 @@ class InceptionOutput:
     logits: Tensor  # (B, 1008) logits without bias ("logits_unbiased"): Inception Score
 
 
+def split_output(out: InceptionOutput | Tensor) -> tuple[Tensor, Tensor | None]:
+    """(features, logits or None) of a feature extractor's output: Inception's pool features and IS logits, or
+    DINOv2's features alone."""
+    return (out.pool, out.logits) if isinstance(out, InceptionOutput) else (out, None)
+
+
 def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
     """The FID Inception weights: `path` if given, else the torch hub cache. Never downloads."""
     return find_weights(

@@ -35,7 +35,7 @@ if __name__ == "__main__":  # `python eval/fid.py`: import the repository's `eva
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from eval.distributed import IndexedFeatures, is_distributed
-from eval.features import POOL_DIM, InceptionFeatures, InceptionOutput
+from eval.features import POOL_DIM, InceptionFeatures, split_output
 from eval.reference import ReferenceStats
 
 
@@ -124,7 +124,7 @@ class FeatureScorer:
     def update(self, indices: Sequence[int] | Tensor, images: Tensor) -> None:
         """uint8 images (B, 3, H, W) and their indices in the evaluation set."""
         out = self.extractor(images)
-        features, logits = (out.pool, out.logits) if isinstance(out, InceptionOutput) else (out, None)
+        features, logits = split_output(out)
         self.fid.update(features.double(), real=False)
         self.features.update(torch.as_tensor(indices), features, logits)
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from eval.distributed import DistContext, IndexedFeatures, barrier
-from eval.features import InceptionOutput
+from eval.features import split_output
 from ldm.data.latents import read_cache_info
 from ldm.data.transforms import ImageTransform, SampleError, decode_image
 from ldm.data.webdataset import IMAGE_KEYS, SkipCounter, TarSamples, expand_urls
@@ -173,7 +173,7 @@ def compute_reference(
 def _add(gathered: IndexedFeatures, extractor: nn.Module, batch: list[tuple[int, Tensor]]) -> None:
     index = torch.tensor([i for i, _ in batch])
     out = extractor(torch.stack([x for _, x in batch]))
-    gathered.update(index, out.pool if isinstance(out, InceptionOutput) else out)
+    gathered.update(index, split_output(out)[0])  # the reference needs features only
 
 
 def image_shards_of(urls: str | Sequence[str]) -> str | Sequence[str]:
