@@ -438,7 +438,7 @@ def test_timestep_spacings():
     assert DDIMSampler(50, timestep_spacing="trailing").timesteps(1000) == list(range(999, 0, -20))
     assert DDPMSampler().timesteps(1000) == list(range(999, -1, -1))
     assert DDPMSampler(4).timesteps(1000) == [999, 666, 333, 0]
-    for T, S in [(1000, 50), (1000, 7), (1000, 3), (1000, 999), (1000, 1000), (100, 30), (10, 4), (1000, 1)]:
+    for T, S in [(1000, 50), (1000, 7), (1000, 3), (1000, 999), (1000, 1000), (100, 30), (10, 4), (1000, 2)]:
         leading = (np.arange(0, S) * (T // S)).round()[::-1].astype(np.int64)
         trailing = np.round(np.arange(T, 0, -T / S)).astype(np.int64) - 1
         linspace = np.linspace(0, T - 1, S).round()[::-1].astype(np.int64)
@@ -447,6 +447,13 @@ def test_timestep_spacings():
         assert sampling_timesteps(T, S, "linspace") == linspace.tolist()
         for ts in (leading, trailing, linspace):
             assert len(set(ts.tolist())) == S and ts.min() >= 0 and ts.max() < T
+
+
+def test_a_single_step_starts_at_the_noise_end():
+    """numpy's (and diffusers') leading and linspace grids are [0] for one step; ours start at T - 1 in every spacing."""
+    for spacing in ("leading", "trailing", "linspace"):
+        assert sampling_timesteps(1000, 1, spacing) == [999]
+        assert sampling_timesteps(10, 1, spacing) == [9]
 
 
 def test_invalid_sampler_arguments():

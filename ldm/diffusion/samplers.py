@@ -31,18 +31,23 @@ def sampling_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leadi
     - ``"leading"``: ``arange(S) * (T // S)`` (DDIM paper / Stable Diffusion, no offset): T=1000, S=50 → 980 .. 0.
     - ``"trailing"``: ``round(arange(T, 0, -T / S)) - 1`` (Lin et al. 2024, table 2): 999 .. 19, starts at T - 1.
     - ``"linspace"``: ``round(linspace(0, T - 1, S))``: both ends; also respaced DDPM (Nichol & Dhariwal sec. 4).
+
+    A single step is ``[T - 1]`` in every spacing: it has to start from the noise end. (diffusers' "leading" and
+    "linspace" give t = 0 there, a step that returns the initial noise almost unchanged.)
     """
     if not 1 <= num_steps <= num_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}")
     T, S = num_timesteps, num_steps
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+    if S == 1:
+        return [T - 1]
     if spacing == "leading":
         ts = [i * (T // S) for i in range(S)]
     elif spacing == "trailing":
         ts = [round(T * (S - i) / S) - 1 for i in range(S)]  # exact rationals, round-half-even as numpy
-    elif spacing == "linspace":
-        ts = [round(i * (T - 1) / (S - 1)) for i in range(S)] if S > 1 else [0]
-    else:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+    else:  # linspace
+        ts = [round(i * (T - 1) / (S - 1)) for i in range(S)]
     return sorted(ts, reverse=True)
 
 
@@ -150,7 +155,8 @@ class DDIMSampler:
         sigma = eta * sqrt((1 - ab_prev) / (1 - ab)) * sqrt(1 - ab / ab_prev).
 
     eta = 0 is deterministic; eta = 1 is the respaced ancestral DDPM step. alpha_bar_prev is that of the next
-    timestep in the sequence (for "leading" and "trailing" this is t - T // S, as in diffusers).
+    timestep in the sequence, and 1 after the last. (diffusers takes t - T // S: the same for "leading", and for
+    "trailing" when S divides T; otherwise that is a timestep the grid never visits.)
     """
 
     def __init__(
