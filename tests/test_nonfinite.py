@@ -218,6 +218,11 @@ def test_the_autoencoder_and_its_discriminator_skip_a_nan_batch(synthetic_shards
     assert ckpt["nonfinite_steps"] == {"train/grad_norm": 1, "train/disc_grad_norm": 1}
     assert math.isfinite(ckpt["ldm"]["latent_scale"])
     assert _metric(tmp_path, "train/disc_nonfinite_steps")[2] == 1.0
+    # the discriminator's BatchNorm statistics skipped the batch too (its forward would have made them NaN)
+    nonfinite = [
+        k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()
+    ]
+    assert not nonfinite, nonfinite
 
 
 def test_a_negative_limit_is_refused_before_training(synthetic_shards, vae_ckpt, tmp_path):
@@ -225,3 +230,98 @@ def test_a_negative_limit_is_refused_before_training(synthetic_shards, vae_ckpt,
 
     with pytest.raises(ValueError, match="max_nonfinite_steps must be >= 0 or null, got -1"):
         train(_stage2(synthetic_shards, vae_ckpt, tmp_path, "max_nonfinite_steps=-1"))
+
+
+@pytest.fixture
+def fp16_scaler(monkeypatch):
+    """`trainer.precision=16-mixed` as on a GPU: Lightning's MixedPrecision plugin with a GradScaler, here on
+    the CPU (Lightning itself turns 16-mixed on a CPU into bf16-mixed). A small initial scale, so that only the
+    poisoned batches overflow."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    import ldm.training.run as run
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    cluster = run._cluster
+    monkeypatch.setattr(
+        run,
+        "_cluster",
+        lambda cfg: (cluster(cfg)[0], [*cluster(cfg)[1], MixedPrecision("16-mixed", "cpu", scaler=scaler)]),
+    )
+    return scaler
+
+
+def test_under_an_fp16_grad_scaler_a_nan_step_is_skipped_by_the_scaler_and_kept_out_of_the_ema(
+    synthetic_shards, vae_ckpt, tmp_path, fp16_scaler
+):
+    """The scaler skips the step and halves its scale (the gradients reach it: dropping them first would hide the
+    overflow from it); the guard still counts the step and the EMA leaves it out; the stop limit is raised to
+    SCALER_STREAK, the scaler's own search being a streak too."""
+    from ldm.training.run import train
+
+    cfg = _stage2(
+        synthetic_shards,
+        vae_ckpt,
+        tmp_path,
+        "trainer.max_steps=5",
+        "trainer.precision=null",
+        "max_nonfinite_steps=1",
+    )
+    snaps = _Snapshots()
+    result = train(cfg, extra_callbacks=[snaps, PoisonBatches(steps=[1, 2])])  # 2 in a row > the limit of 1
+
+    assert result["global_step"] == 5
+    for step in (1, 2):
+        assert _same(snaps.before[step], snaps.after[step])  # UNet and EMA
+    assert not _same(snaps.before[3], snaps.after[3])
+    ckpt = torch.load(result["checkpoint"], weights_only=True)
+    assert _optimizer_steps(ckpt) == {3} and int(ckpt["state_dict"]["ema.num_updates"]) == 3
+    assert ckpt["nonfinite_steps"] == {"train/grad_norm": 2}
+    assert (
+        fp16_scaler.get_scale() == 2.0**4 / 4
+    )  # halved at each skipped step, 3 good steps < growth_interval
+    assert ckpt["MixedPrecision"]["scale"] == 2.0**4 / 4
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_the_autoencoder_under_an_fp16_grad_scaler(synthetic_shards, tmp_path, fp16_scaler, monkeypatch):
+    """Stage 1 steps its optimizers itself, before Lightning unscales the gradients: the logged norm (and the one
+    clipping compares with its threshold) is the unscaled one, and a NaN batch reaches the scaler, which skips
+    both optimizers' steps and lowers its scale."""
+    from ldm.training.run import train
+
+    def run(run_dir):
+        cfg = compose_train(
+            "experiment=vae_tiny",
+            f"data.train_urls={Path(synthetic_shards[0]).parent}",
+            "trainer.max_steps=3",
+            "trainer.precision=null",
+            "stage.loss.disc_start=0",
+            "stage.latent_stats_samples=8",
+            "logger=csv",
+            "callbacks.reconstruction_grid=null",
+            "callbacks.model_checkpoint=null",
+            *FAST,
+            run_dir=str(run_dir),
+        )
+        snaps = _Snapshots()
+        return train(cfg, extra_callbacks=[snaps, PoisonBatches(steps=[1])]), snaps
+
+    result, snaps = run(tmp_path / "fp16")
+    assert _same(snaps.before[1], snaps.after[1]) and not _same(snaps.before[2], snaps.after[2])
+    ckpt = torch.load(result["checkpoint"], weights_only=True)
+    assert _optimizer_steps(ckpt, 0) == {2} and _optimizer_steps(ckpt, 1) == {2}
+    assert ckpt["nonfinite_steps"] == {"train/grad_norm": 1, "train/disc_grad_norm": 1}
+    assert (
+        fp16_scaler.get_scale() == 2.0**4 / 4
+    )  # the scaler saw both overflows (update() after each optimizer)
+    nonfinite = [
+        k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()
+    ]
+    assert not nonfinite, nonfinite
+
+    monkeypatch.undo()  # the same run in fp32: the first step's norm is the same, not 2**4 times it
+    run(tmp_path / "fp32")
+    for name in ("train/grad_norm", "train/disc_grad_norm"):
+        fp16, fp32 = _metric(tmp_path / "fp16", name), _metric(tmp_path / "fp32", name)
+        assert math.isnan(fp16[1]) and fp16[0] == pytest.approx(fp32[0], rel=0.05)

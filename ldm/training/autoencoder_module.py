@@ -66,12 +66,14 @@ class AutoencoderModule(LDMModuleBase):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x, step = batch["image"], self.global_step
         optimizers, schedulers = _as_list(self.optimizers()), _as_list(self.lr_schedulers())
+        # a skipped step leaves the discriminator's BatchNorm statistics too: a NaN batch would make them NaN for good
+        disc_stats = _buffers(self.loss.discriminator)
         out = self.autoencoder(x)
 
         g = self.loss.generator_loss(x, out.reconstruction, out.posterior, step, self.autoencoder.last_layer)
         optimizers[0].zero_grad(set_to_none=True)
         self.manual_backward(g.loss)
-        self._clip_and_step(optimizers[0], self.autoencoder, "train/grad_norm")
+        skipped = self._clip_and_step(optimizers[0], self.autoencoder, "train/grad_norm")
 
         if self.loss.discriminator_active(step):
             d = self.loss.discriminator_loss(x, out.reconstruction, step)
@@ -81,7 +83,7 @@ class AutoencoderModule(LDMModuleBase):
             # the discriminator's step is not a training step: global_step and max_steps count batches
             # (Lightning counts every optimizer.step() in manual optimization, #17958)
             opt_d._on_before_step = opt_d._on_after_step = _nothing
-            self._clip_and_step(opt_d, self.loss.discriminator, "train/disc_grad_norm")
+            skipped |= self._clip_and_step(opt_d, self.loss.discriminator, "train/disc_grad_norm")
             self.log_dict(
                 {
                     "train/disc_loss": d.loss,
@@ -91,6 +93,9 @@ class AutoencoderModule(LDMModuleBase):
             )
             schedulers[1].step()
         schedulers[0].step()
+        if skipped:
+            for name, value in disc_stats.items():
+                self.loss.discriminator.get_buffer(name).copy_(value)
 
         mse = torch.nn.functional.mse_loss(out.reconstruction.detach().clamp(-1, 1), x)
         self.log("train/loss", g.loss.detach(), prog_bar=True)
@@ -103,13 +108,18 @@ class AutoencoderModule(LDMModuleBase):
         self.log_data_stats(batch)
         return g.loss.detach()
 
-    def _clip_and_step(self, optimizer, module: torch.nn.Module, name: str) -> None:
-        self.check_gradients(module, name)  # NaN/inf: gradients dropped, the step below changes nothing
+    def _clip_and_step(self, optimizer, module: torch.nn.Module, name: str) -> bool:
+        """Check, clip and step `module`'s gradients; True when the step was skipped (NaN/inf)."""
+        # under fp16 the gradients are still scaled here (manual optimization: Lightning unscales them inside
+        # optimizer.step()), so the norm is divided by the scale and the clip threshold multiplied by it
+        scale = self.grad_scaler.get_scale() if self.grad_scaler is not None else 1.0
+        skipped = self.check_gradients(module, name, scale)  # NaN/inf: the step below changes nothing
         if self.gradient_clip_val:
             self.clip_gradients(
-                optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm"
+                optimizer, gradient_clip_val=self.gradient_clip_val * scale, gradient_clip_algorithm="norm"
             )
         optimizer.step()
+        return skipped
 
     # --- validation -----------------------------------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -181,3 +191,7 @@ def _as_list(x) -> list:
 
 def _nothing() -> None:
     return None
+
+
+def _buffers(module: torch.nn.Module | None) -> dict[str, Tensor]:
+    return {} if module is None else {name: b.detach().clone() for name, b in module.named_buffers()}

@@ -57,16 +57,26 @@ class LDMModuleBase(L.LightningModule):
             return  # a manually optimized module logs its own norms, per optimizer
         self.check_gradients(self.trainable_module(), "train/grad_norm")
 
-    def check_gradients(self, module: nn.Module, name: str) -> bool:
+    @property
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """The fp16 GradScaler of the run (`trainer.precision=16-mixed` on a GPU), else None."""
+        return getattr(self._trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+
+    def check_gradients(self, module: nn.Module, name: str, scale: float = 1.0) -> bool:
         """Log the total gradient norm of `module` under `name` (before clipping: the norm the clip threshold is
-        compared against); when it is NaN/inf, drop the gradients so that the coming optimizer step changes
-        nothing (ldm.training.nonfinite). True when the step is skipped."""
+        compared against; `scale`: the factor the gradients still carry, a GradScaler's before its unscale_);
+        when it is NaN/inf, drop the gradients so that the coming optimizer step changes nothing
+        (ldm.training.nonfinite). True when the step is skipped.
+
+        Under an fp16 GradScaler the gradients are kept: the scaler finds the same inf/NaN, skips the step itself
+        and lowers its scale, which it would not do for gradients dropped before its unscale_."""
         grads = [p.grad for p in module.parameters() if p.grad is not None]
-        norm = full_tensor(torch.nn.utils.get_total_norm(grads)) if grads else None
+        norm = full_tensor(torch.nn.utils.get_total_norm(grads)) / scale if grads else None
         if norm is not None:
             self.log(name, norm)
         guard = self.nonfinite.setdefault(name, NonFiniteGuard(self.max_nonfinite_steps))
-        skipped = guard.check(norm, module.parameters(), self.global_step)
+        to_drop = module.parameters() if self.grad_scaler is None else ()
+        skipped = guard.check(norm, to_drop, self.global_step)
         if guard.limit is not None:
             self.log(name.replace("grad_norm", "nonfinite_steps"), float(guard.total))
         if guard.exhausted and self.nonfinite_stop is None:

@@ -71,7 +71,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
     logger = [instantiate(cfg.logger, **_wandb_resume(cfg, run_dir))] if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks += [ExactResumeCallback(), *_speed_callbacks(cfg), preemption, *extra_callbacks]
-    module.max_nonfinite_steps = _max_nonfinite_steps(cfg)
+    max_nonfinite_steps = _max_nonfinite_steps(cfg)
     if not module.automatic_optimization:  # the module clips each of its optimizers itself
         module.gradient_clip_val = cfg.trainer.get("gradient_clip_val")
         trainer_overrides["gradient_clip_val"] = None
@@ -82,6 +82,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
         logger=logger,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO(), *plugins],
+    )
+    module.max_nonfinite_steps = _with_scaler(
+        max_nonfinite_steps, getattr(trainer.precision_plugin, "scaler", None)
     )
     scale = _scale_lr(cfg, module, trainer)
     if logger and trainer.is_global_zero:
@@ -130,17 +133,24 @@ def _alert(trainer: L.Trainer, title: str, text: str) -> None:
 
 
 def _max_nonfinite_steps(cfg: DictConfig) -> int | None:
-    """`max_nonfinite_steps` (ldm.training.nonfinite), except under fp16, whose GradScaler skips the steps that
-    overflow itself (several in a row while it finds its scale)."""
+    """`max_nonfinite_steps` (ldm.training.nonfinite), checked before anything is built."""
     limit = cfg.get("max_nonfinite_steps", 10)
     NonFiniteGuard(limit)  # refuses a negative limit before the run starts
-    if str(cfg.trainer.get("precision", "")).startswith("16"):
-        log.info(
-            "precision %s: the GradScaler skips overflowing steps; max_nonfinite_steps is off",
-            cfg.trainer.precision,
-        )
-        return None
     return None if limit is None else int(limit)
+
+
+# fp16's GradScaler starts at 2**16 and halves its scale at every overflowing step: 40 in a row take it below
+# 2**-24, fp16's smallest subnormal, where no scale makes the gradients finite. Fewer are its search for a scale.
+SCALER_STREAK = 40
+
+
+def _with_scaler(limit: int | None, scaler) -> int | None:
+    """The stop limit under an fp16 GradScaler (decided from the built Trainer: `16-mixed` on a CPU is bf16, and
+    `16-true` has none): at least SCALER_STREAK. Skipped steps are still detected and counted, and leave the EMA."""
+    if scaler is None or limit is None or limit >= SCALER_STREAK:
+        return limit
+    log.info("fp16 GradScaler: max_nonfinite_steps raised from %d to %d", limit, SCALER_STREAK)
+    return SCALER_STREAK
 
 
 def _speed_callbacks(cfg: DictConfig) -> list[L.Callback]:
