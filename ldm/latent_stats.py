@@ -123,7 +123,10 @@ def image_batches(
         seed=seed,
         partial_batches=True,
     )
-    loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers)
+    generator = torch.Generator().manual_seed(seed)  # the workers' seeds: not from the global generator
+    loader = torch.utils.data.DataLoader(
+        pipeline, batch_size=None, num_workers=num_workers, generator=generator
+    )
     for batch in loader:
         yield batch["image"].to(device)
 

@@ -111,6 +111,37 @@ def test_stage1_resumes_both_optimizers(vae_run, tmp_path):
         assert after["optimizer_states"][i]["state"][0]["step"] == steps + 2
 
 
+def test_stage1_resume_from_the_final_checkpoint_matches_a_longer_run(shards, tmp_path):
+    """The latent statistics are measured at the end of training, before the final checkpoint is written with the
+    random generators' state: measuring must not move them, or a run resumed from that checkpoint would draw other
+    posterior samples than one that never stopped."""
+    from ldm.training.run import train
+
+    def run(name, max_steps, *extra):
+        cfg = compose_train(
+            "experiment=vae_tiny",
+            f"data.train_urls={shards[0]}",
+            f"trainer.max_steps={max_steps}",
+            "stage.loss.disc_start=1",
+            "stage.latent_stats_samples=8",
+            "logger=csv",
+            "callbacks.reconstruction_grid=null",
+            "callbacks.model_checkpoint=null",
+            *FAST,
+            *extra,
+            run_dir=str(tmp_path / name),
+        )
+        return torch.load(train(cfg)["checkpoint"], weights_only=True)
+
+    straight = run("straight", 4)
+    first = run("first", 2)
+    resumed = run("resumed", 4, f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}")
+    assert first["ldm"]["latent_stats"]["num_samples"] == 8
+    assert resumed["global_step"] == straight["global_step"] == 4
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+
+
 def test_stage2_checkpoint_describes_itself(ldm_run):
     result, _ = ldm_run
     bundle, ckpt = load_bundle(result["checkpoint"])

@@ -19,6 +19,7 @@ from ldm.models import KLAutoencoder
 from ldm.training.autoencoder_loss import AutoencoderLoss
 from ldm.training.module_base import LDMModuleBase
 from ldm.training.optim import AdamWSettings
+from ldm.training.resume import rng_state, set_rng_state
 from ldm.utils.checkpoint import BUNDLE_KEY
 
 log = logging.getLogger(__name__)
@@ -150,11 +151,17 @@ class AutoencoderModule(LDMModuleBase):
         if self.latent_stats_samples <= 0 or data is None or not self.trainer.is_global_zero:
             return
         urls = data.val_urls or data.train_urls
+        # the final checkpoint is saved after this hook, with the random generators' state: a measurement that
+        # drew from them (the DataLoader's worker seeds) would make a resume from it differ from a longer run
+        rng = rng_state()
         batches = image_batches(urls, data.resolution, data.batch_size, device=self.device, seed=0)
         generator = torch.Generator(self.device).manual_seed(0)
-        stats = measure_latent_stats(
-            self.autoencoder.encode, batches, self.latent_stats_samples, generator=generator
-        )
+        try:
+            stats = measure_latent_stats(
+                self.autoencoder.encode, batches, self.latent_stats_samples, generator=generator
+            )
+        finally:
+            set_rng_state(rng)
         self.latent_description = latent_description(stats)
         log.info(
             f"latent statistics over {stats.num_samples} images: std {stats.std:.4f} → latent scale "
