@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hydra.utils
 import lightning as L
 import numpy as np
 import pytest
@@ -225,6 +226,29 @@ def test_resume_continues_from_the_checkpoint(ldm_run, tmp_path):
     assert after["ldm"]["latent_scale"] == before["ldm"]["latent_scale"]  # not re-measured
     step_before = before["optimizer_states"][0]["state"][0]["step"]
     assert after["optimizer_states"][0]["state"][0]["step"] == step_before + 2
+
+
+def test_a_resume_takes_the_optimizer_settings_of_its_config(ldm_run, tmp_path):
+    """torch restores the checkpoint's lr, betas and weight decay into the optimizer; the resumed run must use the
+    config's instead: here a doubled global batch under linear scaling (lr 2e-3 → 4e-3) and a new weight decay."""
+    from ldm.training.run import train
+
+    result, cfg = ldm_run
+    before = torch.load(result["checkpoint"], weights_only=True)
+    assert [g["initial_lr"] for g in before["optimizer_states"][0]["param_groups"]] == [2e-3, 2e-3]
+    resumed_cfg = cfg.copy()
+    resumed_cfg.ckpt_path = result["checkpoint"]
+    resumed_cfg.trainer.max_steps = 6
+    resumed_cfg.run_dir = str(tmp_path)
+    resumed_cfg.lr_scaling, resumed_cfg.base_batch_size = "linear", cfg.data.batch_size // 2
+    resumed_cfg.optim.weight_decay = 0.05
+    after = torch.load(train(resumed_cfg)["checkpoint"], weights_only=True)
+    decay, no_decay = after["optimizer_states"][0]["param_groups"]
+    step = after["lr_schedulers"][0]["last_epoch"]
+    settings = hydra.utils.instantiate(cfg.optim, lr=4e-3)
+    assert step == 6 and after["lr_schedulers"][0]["base_lrs"] == [4e-3, 4e-3]
+    assert decay["lr"] == no_decay["lr"] == pytest.approx(4e-3 * settings.lr_factor_fn(6)(step))
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
 
 
 def test_pipeline_from_checkpoint_is_reproducible(ldm_run):

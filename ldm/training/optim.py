@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import lightning as L
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,3 +73,35 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class ConfiguredOptimizer(L.Callback):
+    """A resumed run trains with the optimizer settings its config gives now, not those restored from the
+    checkpoint (torch's `load_state_dict` brings back every param group's lr, betas, eps and weight decay):
+    a new `optim.lr`, or a new global batch under `lr_scaling`, takes effect at the step the run resumes at, and
+    the LR schedule (rebuilt from the config anyway) keeps its position."""
+
+    def __init__(self, settings: AdamWSettings) -> None:
+        self.settings = settings
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        s = self.settings
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                continue
+            groups = scheduler.optimizer.param_groups
+            if scheduler.base_lrs != [s.lr] * len(groups):
+                log.info(
+                    "optimizer: lr %s from the checkpoint, %s from the config: using the config's",
+                    scheduler.base_lrs[0],
+                    s.lr,
+                )
+            scheduler.base_lrs = [s.lr] * len(groups)
+            for i, (group, rule) in enumerate(zip(groups, scheduler.lr_lambdas, strict=True)):
+                group.update(
+                    initial_lr=s.lr, lr=s.lr * rule(scheduler.last_epoch), betas=tuple(s.betas), eps=s.eps
+                )
+                group["weight_decay"] = (
+                    s.weight_decay if i == 0 else 0.0
+                )  # param_groups: decay, then no decay

@@ -25,6 +25,7 @@ from ldm.training.fast_paths import FastPathsCallback
 from ldm.training.fsdp import compile_blocks, is_sharded
 from ldm.training.init_from import load_init_weights
 from ldm.training.nonfinite import NonFiniteGradients, NonFiniteGuard
+from ldm.training.optim import ConfiguredOptimizer
 from ldm.training.resume import ExactResumeCallback, PreemptionCallback
 from ldm.training.throughput import ThroughputCallback
 from ldm.utils.checkpoint import BUNDLE_KEY, CONTENTS_KEY, WEIGHTS_ONLY, load_bundle, submodule_state
@@ -70,7 +71,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
     datamodule = instantiate(cfg.data)
     logger = [instantiate(cfg.logger, **_wandb_resume(cfg, run_dir))] if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    callbacks += [ExactResumeCallback(), *_speed_callbacks(cfg), preemption, *extra_callbacks]
+    callbacks += [ExactResumeCallback(), ConfiguredOptimizer(module.optim_settings), *_speed_callbacks(cfg)]
+    callbacks += [preemption, *extra_callbacks]
     max_nonfinite_steps = _max_nonfinite_steps(cfg)
     if not module.automatic_optimization:  # the module clips each of its optimizers itself
         module.gradient_clip_val = cfg.trainer.get("gradient_clip_val")
