@@ -9,7 +9,7 @@ Training step (kind "train"): x_t, t and a text context of the size's width → 
 at each boundary; median of `iters`), and on CUDA also `iters` whole steps back to back (no synchronisation inside,
 the images/s reported). FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` on a copy of the model
 on the meta device (no compute; gradient checkpointing's recomputation not counted: model FLOPs). MFU = model
-TFLOP/s ÷ peak: a GPU's data-sheet dense peak for the case's compute type (`ldm.training.throughput.PEAK_TFLOPS`);
+TFLOP/s ÷ peak: a GPU's data-sheet dense peak for the case's compute type (`ldm.utils.speed.PEAK_TFLOPS`);
 on CPU, the rate of a 2048³ matmul measured in the same process, stated as such. Peak memory: CUDA
 `max_memory_allocated`; on CPU, the process's peak resident set (ru_maxrss) minus its size before the model was
 built: model, gradients, optimizer state and activations, plus allocator slack.
