@@ -16,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.data.latents import read_cache_info
@@ -85,6 +86,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO(), *plugins],
     )
+    _find_unused_discriminator(module, trainer)
     module.max_nonfinite_steps = _with_scaler(
         max_nonfinite_steps, getattr(trainer.precision_plugin, "scaler", None)
     )
@@ -132,6 +134,16 @@ def _alert(trainer: L.Trainer, title: str, text: str) -> None:
                 lg.experiment.alert(title=title, text=text[:1000], level="ERROR")
             except Exception as err:  # an alert must never hide the error it reports
                 log.warning("W&B alert not sent: %s", err)
+
+
+def _find_unused_discriminator(module: L.LightningModule, trainer: L.Trainer) -> None:
+    """Stage 1 under DDP: the discriminator has no gradients before `disc_start`, which plain DDP refuses at the
+    second step ("parameters that were not used"). Its DDP is built with `find_unused_parameters` however the
+    strategy was named (`auto` with several devices, `ddp`, torchrun, Slurm)."""
+    loss = getattr(module, "loss", None)
+    if getattr(loss, "discriminator", None) is None or not isinstance(trainer.strategy, DDPStrategy):
+        return
+    trainer.strategy._ddp_kwargs["find_unused_parameters"] = True  # read when it wraps the module in fit
 
 
 def _max_nonfinite_steps(cfg: DictConfig) -> int | None:
