@@ -1,11 +1,15 @@
 """The bad-data corpus (ldm.data.bad_data) through the real pipeline and a real training run: every damaged
 sample skipped and counted under its reason, every odd but valid format converted and delivered."""
 
+import json
 import resource
+import socket
 import time
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 from ldm.data import bad_data
@@ -13,6 +17,7 @@ from ldm.data.bad_data import jpeg_bomb, png_bomb, write_bad_data_shards
 from ldm.data.synthetic import write_synthetic_shards
 from ldm.data.transforms import SampleError, decode_image
 from ldm.data.webdataset import SKIP_REASONS, image_text_pipeline
+from ldm.training.module_base import LDMModuleBase
 
 from .helpers import FAST, compose_train
 
@@ -79,6 +84,51 @@ def test_cli_writes_the_corpus(tmp_path, capsys):
     bad_data.main(["--out", str(tmp_path)])
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == [f"bad-{i:06d}.tar" for i in range(5)]
     assert f"samples delivered: {DELIVERED}" in capsys.readouterr().out
+
+
+def _skip_batch(**counts: int) -> dict:
+    """What a batch carries about skips (`ldm.data.webdataset.Batch`)."""
+    skipped = {r: torch.tensor(counts.get(r, 0)) for r in SKIP_REASONS}
+    return {"skipped": skipped, "n_skipped": torch.tensor(sum(counts.values()))}
+
+
+def _log_skips_on_rank(rank: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    module, logged = LDMModuleBase(optim=None), {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
+    # rank 0 meets 2 decode errors then nothing; rank 1 one tar error, then 3 dropped by a filter
+    batches = [{"decode_error": 2}, {}] if rank == 0 else [{"tar_error": 1}, {"filter_aesthetic": 3}]
+    for counts in batches:
+        module.log_data_stats(_skip_batch(**counts))
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(logged, f)
+    dist.destroy_process_group()
+
+
+def test_logged_skip_counts_are_summed_over_ranks(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_log_skips_on_rank, args=(port, str(tmp_path)), nprocs=2)
+    expected = {f"data/skipped_{r}": 0.0 for r in SKIP_REASONS}
+    expected.update({"data/skipped_decode_error": 2.0, "data/skipped_tar_error": 1.0})
+    expected.update({"data/skipped_filter_aesthetic": 3.0, "data/skipped_samples": 6.0})
+    for rank in (0, 1):  # each rank logs the run's totals (rank 0's reach the logger)
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
+
+
+def test_skip_counts_carry_across_a_checkpoint():
+    first = LDMModuleBase(optim=None)
+    first.log = lambda name, value, **kwargs: None
+    first.log_data_stats(_skip_batch(decode_error=2, bad_caption=1))
+    checkpoint = {"state_dict": {}, "optimizer_states": []}
+    first.on_save_checkpoint(checkpoint)
+    resumed, logged = LDMModuleBase(optim=None), {}
+    resumed.on_load_checkpoint(checkpoint)
+    resumed.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
+    resumed.log_data_stats(_skip_batch(decode_error=1))
+    assert logged["data/skipped_decode_error"] == 3.0 and logged["data/skipped_bad_caption"] == 1.0
+    assert logged["data/skipped_samples"] == 4.0
 
 
 @pytest.mark.slow

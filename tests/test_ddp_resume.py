@@ -276,3 +276,25 @@ def test_preempted_fsdp_run_resumes_and_matches_ddp(setup, reference, tmp_path):
         for k in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(ob["state"][i][k], sa[k], rtol=0, atol=1e-7)
     assert ob["state"][0]["step"] == MAX_STEPS - 1  # the NaN step is not an AdamW step
+
+
+def test_finite_epochs_end_on_every_rank_at_the_same_step(setup, tmp_path):
+    """data.resampled=false over 5 shards of 16: rank 0 reads 3 (6 batches of 8 an epoch), rank 1 reads 2 (4
+    batches). Both ranks end each epoch after 4 steps (rank 0's surplus dropped), within an epoch no sample is
+    seen twice, and 2 epochs take 8 steps on each; without agreeing, rank 0 would go on alone into a gradient
+    all-reduce that rank 1 never joins."""
+    shards = tmp_path / "uneven-shards"
+    write_synthetic_shards(shards, num_samples=80, samples_per_shard=16, resolution=32, seed=1)
+    run = tmp_path / "uneven"
+    left_out = ("+callbacks.poison=", "stage.posthoc_ema=", "callbacks.posthoc_ema.")
+    command = [a for a in _command((str(shards), setup[1]), run) if not a.startswith(left_out)]
+    command.append("trainer.max_epochs=2")  # before MAX_STEPS
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=180, env=_env())
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = [_steps(run, rank) for rank in (0, 1)]
+    assert sorted(steps[0]) == sorted(steps[1]) == list(range(8))
+    for epoch in (range(4), range(4, 8)):
+        keys = [k for s in epoch for rank in (0, 1) for k in steps[rank][s]]
+        assert len(keys) == len(set(keys)) == 64  # 4 steps × 2 ranks × 8 of the 80 samples
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] == 8

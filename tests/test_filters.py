@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from ldm.data.datamodule import ImageTextDataModule
 from ldm.data.filters import FIELD_PRESETS, FILTER_REASONS, SampleFilter, resolve_fields
+from ldm.data.transforms import decode_image
 from ldm.data.webdataset import SKIP_REASONS, image_text_pipeline
 from ldm.utils.hydra_build import check_config
 
@@ -114,6 +115,23 @@ def test_size_is_the_source_size_not_the_stored_resize():
         "filter_size"
     )
     assert _reason(SampleFilter(max_aspect_ratio=1.2), None) == "filter_aspect"  # 40/30 from the header
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 5, 6, 7, 8])
+def test_size_from_the_header_is_the_displayed_size(orientation):
+    """A phone photo stored 60x20 with an EXIF orientation: judged by the size it is decoded (and shown) at."""
+    image = Image.new("RGB", (60, 20), (120, 60, 200))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", exif=exif.tobytes())
+    width, height = decode_image(buf.getvalue()).size
+    assert (width, height) == ((20, 60) if orientation >= 5 else (60, 20))
+    portrait_only = SampleFilter(max_aspect_ratio=0.5)
+    assert _reason(portrait_only, None, image=buf.getvalue()) == (None if width < height else "filter_aspect")
+    assert _reason(SampleFilter(min_width=60), None, image=buf.getvalue()) == (
+        None if width == 60 else "filter_size"
+    )
 
 
 def test_missing_fields_keep_or_drop_and_never_crash():

@@ -5,11 +5,15 @@ Ranks are emulated with RANK / WORLD_SIZE (what `ResumableLoader` reads when tor
 the 2-process DDP test (tests/test_ddp_resume.py) runs the same code under a real process group.
 """
 
+import io
 from itertools import islice
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
+from ldm.data.filters import SampleFilter
 from ldm.data.latents import encode_latents_member, latent_pipeline
 from ldm.data.stream import ResumableLoader
 from ldm.data.synthetic import write_synthetic_shards
@@ -150,3 +154,98 @@ def test_other_worker_count_starts_a_fresh_epoch(image_shards, monkeypatch, capl
     batch = next(iter(resumed))
     assert int(batch["stream"][0]) == 1  # epoch 1, from its beginning
     assert "cannot continue at the exact sample" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "change,named",
+    [
+        ({"urls": "one shard more"}, "shards 8 → 9"),
+        ({"shuffle_buffer": 20}, "shuffle_buffer 10 → 20"),
+        ({"round_shards": 3}, "round_shards 2 → 3"),
+        ({"resampled": True}, "resampled False → True"),
+    ],
+)
+def test_a_changed_stream_starts_a_fresh_epoch(image_shards, tmp_path, monkeypatch, caplog, change, named):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    settings = dict(shuffle_buffer=10, resampled=False, round_shards=2)
+    first = ResumableLoader(image_text_pipeline(image_shards, 16, 4, **settings), num_workers=0)
+    list(islice(_epochs(first), 2))
+    urls = sorted(str(p) for p in Path(image_shards).glob("*.tar"))
+    if change.pop("urls", None):
+        extra = tmp_path / "extra.tar"
+        extra.write_bytes(Path(urls[0]).read_bytes())
+        urls.append(str(extra))
+    stream = image_text_pipeline(urls, 16, 4, **{**settings, **change})
+    resumed = ResumableLoader(stream, num_workers=0)
+    resumed.load_state_dict(first.state_dict())
+    assert int(next(iter(resumed))["stream"][0]) == 1  # epoch 1, from its beginning
+    assert "cannot continue at the exact sample" in caplog.text and named in caplog.text
+
+
+def test_a_state_saved_without_fingerprint_still_resumes(image_shards, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    expected = list(islice(_epochs(_loader("images", image_shards, 0, False)), 4))
+    first = _loader("images", image_shards, 0, False)
+    before = list(islice(_epochs(first), 2))
+    state = first.state_dict()
+    del state["ranks"][0]["fingerprint"]  # as written before it was saved
+    resumed = _loader("images", image_shards, 0, False)
+    resumed.load_state_dict(state)
+    _same(before + list(islice(_epochs(resumed), 2)), expected)
+
+
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def damaged_shards(tmp_path_factory):
+    """Good samples ("g"), corrupt JPEGs ("b") and captions too short for the filter ("f"), and a zero-byte shard
+    (a tar error). With 2 workers: worker 0 reads shards 0 and 2 (12 good), worker 1 shards 1 and 3 (6 good),
+    so every worker ends on a full batch of 2."""
+    out = tmp_path_factory.mktemp("damaged-shards")
+    members = {"g": {"jpg": _jpeg(), "txt": b"a caption"}, "b": {"jpg": b"\xff\xd8 cut", "txt": b"a caption"}}
+    members["f"] = {"jpg": _jpeg(), "txt": b"a"}
+    for s, kinds in enumerate(["ggbggffggg", "", "ggggbg", "gggggg"]):
+        write_tar(out / f"s-{s}.tar", [(f"{s}_{i}_{k}", members[k]) for i, k in enumerate(kinds)])
+    (out / "s-1.tar").write_bytes(b"")
+    return str(out)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_each_skip_is_reported_once_across_a_resume(damaged_shards, num_workers, monkeypatch):
+    """Resumed after any batch, the batches report the skips the uninterrupted run reports: the corpus's, once."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+
+    def loader():
+        stream = image_text_pipeline(
+            damaged_shards,
+            16,
+            2,
+            resampled=False,
+            shuffle_buffer=0,
+            filters=SampleFilter(min_caption_length=3),
+        )
+        return ResumableLoader(stream, num_workers=num_workers)
+
+    def reports(batches):
+        return [(b["key"], {r: int(n) for r, n in b["skipped"].items() if n}) for b in batches]
+
+    expected = reports(loader())
+    assert len(expected) == 9
+    totals = {}
+    for _, skipped in expected:
+        for reason, n in skipped.items():
+            totals[reason] = totals.get(reason, 0) + n
+    assert totals == {"decode_error": 2, "filter_caption": 2, "tar_error": 1}
+    for stop in range(1, len(expected)):
+        first = loader()
+        before = list(islice(_epochs(first, 1), stop))
+        resumed = loader()
+        resumed.load_state_dict(first.state_dict())
+        assert reports(before + list(resumed)) == expected, stop

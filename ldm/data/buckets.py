@@ -36,9 +36,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
-from PIL import ExifTags, Image
+from PIL import Image
 
-from ldm.data.transforms import CROPS, resize_crop, source_size
+from ldm.data.transforms import CROPS, displayed_size, resize_crop, source_size
 
 Size = tuple[int, int]  # (height, width)
 MICRO_KEYS = ("original_size", "crop_coords", "target_size")  # what a bucketed sample carries, (2,) each
@@ -191,9 +191,6 @@ class BucketDecoder:
         return out
 
 
-_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
-
-
 def _original_size(sample: dict, image_keys: Sequence[str]) -> Size | None:
     """(h, w) before any resizing: img2dataset's json original_height / original_width, else the stored image's
     header (EXIF rotation applied), read without decoding; None if neither can be read."""
@@ -207,9 +204,7 @@ def _original_size(sample: dict, image_keys: Sequence[str]) -> Size | None:
     key = next((k for k in image_keys if k in sample), None)
     try:
         with Image.open(io.BytesIO(sample[key])) as image:
-            w, h = image.size
-            if image.getexif().get(ExifTags.Base.Orientation) in _TRANSPOSING_ORIENTATIONS:
-                w, h = h, w
+            w, h = displayed_size(image)
             return h, w
     except Exception:
         return None

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from ldm.data.transforms import displayed_size
+
 FIELD_NAMES: tuple[str, ...] = ("width", "height", "aesthetic", "punsafe", "pwatermark", "clip_similarity")
 
 FIELD_PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -221,10 +223,10 @@ def _parse_json(data: bytes | str | None) -> dict:
 
 
 def _header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the image header alone (no pixel data decoded); None when it cannot be read
-    (the decoder then counts the sample as a decode error)."""
+    """(width, height) as shown (EXIF orientation applied, as decoding does) from the image header alone (no pixel
+    data decoded); None when it cannot be read (the decoder then counts the sample as a decode error)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image.size
+            return displayed_size(image)
     except Exception:  # PIL raises many types, DecompressionBombError included
         return None

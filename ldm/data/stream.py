@@ -18,6 +18,7 @@ rank's entry is gathered, so the checkpoint written by rank 0 holds all of them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
@@ -25,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm.data.transforms import SampleError
@@ -44,7 +46,8 @@ class ShardStream(IterableDataset):
     resampled: True → endless rounds of `round_shards` shards drawn with replacement, per rank and worker;
         False → one round per epoch: the shards, shuffled alike on every rank, split across ranks
         (`split_by_node`) and workers, each once.
-    Every batch carries `stream`: (epoch, worker, round, position after its last sample), a LongTensor (4,).
+    Every batch carries `stream`: (epoch, worker, round, position), a LongTensor (4,): where a resumed worker goes
+    on reading, past the batch's last sample and the skipped samples after it, whose skips the batch reports.
     """
 
     def __init__(
@@ -92,6 +95,18 @@ class ShardStream(IterableDataset):
         self.pending = {w: [tuple(p) for p in items] for w, items in (pending or {}).items()}
         self._iterations = 0
 
+    def fingerprint(self) -> dict:
+        """What a saved position is a position in: the shard list (hashed) and what splits and orders it. A
+        resume into a stream of another fingerprint starts a fresh epoch."""
+        return {
+            "shards": len(self.urls),
+            "shard_list": hashlib.sha256("\n".join(self.urls).encode()).hexdigest()[:16],
+            "resampled": self.resampled,
+            "shuffle_buffer": self.shuffle_buffer,
+            "round_shards": self.round_shards,
+            "split_by_node": self.split_by_node,
+        }
+
     # --- what each worker reads --------------------------------------------------------------------------
     def shards(self, rank: int, world: int, worker: int, num_workers: int, epoch: int, rnd: int) -> list[str]:
         if self.resampled:
@@ -131,15 +146,18 @@ class ShardStream(IterableDataset):
         counter = SkipCounter(log_every=self.log_every)
         rounds = _count(start_round) if self.resampled else [start_round]
         waiting = pending.get(worker, [])
-        samples = self._samples(rank, world, worker, num_workers, epoch, rounds, start_pos, counter, waiting)
+        samples = self._samples(
+            rank, world, worker, num_workers, epoch, rounds, start_pos, counter, waiting, worker in start
+        )
         yield from self._batches(samples, counter, epoch, worker, (start_round, start_pos))
 
     def _samples(
-        self, rank, world, worker, num_workers, epoch, rounds, start_pos, counter, pending=()
+        self, rank, world, worker, num_workers, epoch, rounds, start_pos, counter, pending=(), resuming=False
     ) -> Iterator:
-        """(round, index, decoded sample) after `start_pos` raw samples of the first round, preceded by the
-        `pending` (round, index) samples, decoded again in read order: those that waited in bucket queues at the
-        saved position (a round before the first is re-read up to its last pending sample)."""
+        """(round, index, decoded sample, or None when skipped) after `start_pos` raw samples of the first round,
+        preceded by the `pending` (round, index) samples, decoded again in read order: those that waited in bucket
+        queues at the saved position (a round before the first is re-read up to its last pending sample).
+        `resuming`: the skips met before the saved position were reported before the resume; not again."""
         waiting: dict[int, set[int]] = {}
         for rnd, index in pending:
             waiting.setdefault(rnd, set()).add(index)
@@ -147,7 +165,6 @@ class ShardStream(IterableDataset):
         first = next(rounds, None)
         if first is None:
             return
-        resuming = bool(start_pos or pending)
 
         def tag_of(rnd: int) -> str:
             return f"{self.seed}/rank{rank}/worker{worker}/epoch{epoch}/round{rnd}"
@@ -176,8 +193,10 @@ class ShardStream(IterableDataset):
                 if resuming:
                     counter.take()  # skips met while re-reading were reported before the resume
                     resuming = False
-                if (decoded := self._decode(raw, tag_of(rnd), index, counter)) is not None:
-                    yield rnd, index, decoded
+                yield rnd, index, self._decode(raw, tag_of(rnd), index, counter)
+            if resuming:  # saved at the end of the round (of the stream)
+                counter.take()
+                resuming = False
 
     def _decode(self, raw: dict, tag: str, index: int, counter: SkipCounter) -> dict | None:
         """The sample decoded with its own generator, or None (counted) when it cannot be used."""
@@ -193,14 +212,15 @@ class ShardStream(IterableDataset):
     def _batches(
         self, samples: Iterator, counter: SkipCounter, epoch: int, worker: int, head: tuple[int, int]
     ) -> Iterator[dict]:
-        """Batches of one shape each (one aspect-ratio bucket; a single queue without buckets). A batch carries
-        the read head (round, position) after its last sample and, in `stream_pending` (K, 2), the (round, index)
-        of the samples then waiting in the other queues, oldest first: what a resumed worker needs."""
+        """Batches of one shape each (one aspect-ratio bucket; a single queue without buckets), each collated when
+        the next good sample arrives (or the stream ends), with the skips met until then. A batch carries the read
+        head (round, position) at that sample (the stream's end) and, in `stream_pending` (K, 2), the (round,
+        index) of the samples then waiting in the other queues, oldest first: what a resumed worker needs."""
         collate = Batch(self.batch_size, counter).collate
         queues: dict[tuple, list] = {}
         full: tuple | None = None
 
-        def emit(items: list, position: tuple[int, int], pending: list) -> dict:
+        def emit(items: list, pending: list, position: tuple[int, int]) -> dict:
             out = collate([s for _, _, s in items])
             out["stream"] = torch.tensor([epoch, worker, *position], dtype=torch.long)
             if pending:
@@ -211,21 +231,24 @@ class ShardStream(IterableDataset):
             return sorted((rnd, index) for queue in queues.values() for rnd, index, _ in queue)
 
         for item in samples:
-            if full is not None:  # collated when the next sample arrives: its skips come first
-                yield emit(*full)
-                full = None
             rnd, index, sample = item
+            if sample is None:  # skipped, counted: reported by the next batch
+                head = max(head, (rnd, index + 1))
+                continue
+            if full is not None:  # a resume from this batch starts at this sample
+                yield emit(*full, max(head, (rnd, index)))
+                full = None
             head = max(head, (rnd, index + 1))  # samples replayed into the queues lie behind the head
             key = Batch.shape_key(sample)
             queues.setdefault(key, []).append(item)
             if len(queues[key]) == self.batch_size:
-                full = (queues.pop(key), head, waiting())
+                full = (queues.pop(key), waiting())
         if full is not None:
-            yield emit(*full)
+            yield emit(*full, head)
         if self.partial_batches:
             for queue in sorted(queues.values(), key=lambda q: q[0][:2]):  # oldest first
                 del queues[Batch.shape_key(queue[0][2])]
-                yield emit(queue, head, waiting())
+                yield emit(queue, waiting(), head)
 
 
 def _count(start: int) -> Iterator[int]:
@@ -257,6 +280,12 @@ class ResumableLoader(DataLoader):
     Lightning saves `state_dict()` in each checkpoint's loop state and calls `load_state_dict()` on resume.
     Batches arrive from the workers in turn (0, 1, …, skipping workers whose share is read), so a resumed
     loader lets physical worker 0 play the worker whose batch was due.
+
+    A finite stream (not resampled) under torch.distributed ends its epoch on every rank at the same batch: before
+    each batch the ranks agree (a 1-element all-reduce) that each has one, and when one is out all stop, the
+    surplus batches of the others dropped (like `drop_last`). Without it a rank with more shards or fewer damaged
+    samples would wait in a gradient all-reduce the others never join.
+    Every rank must iterate the loader alike (Lightning does, one batch ahead of the training step).
     """
 
     def __init__(self, dataset: ShardStream, **kwargs):
@@ -289,7 +318,10 @@ class ResumableLoader(DataLoader):
         stream.set_epoch(epoch, start, offset, pending)
         self._epoch, self._next_epoch = epoch, epoch + 1
         self._positions, self._pending, self._next_worker = dict(start), dict(pending), offset
-        return _timed(super().__iter__(), self)
+        batches = super().__iter__()
+        if not stream.resampled and (device := _agreement_device()) is not None:
+            batches = _while_every_rank_has_one(batches, device)
+        return _timed(batches, self)
 
     def mark_consumed(self, batch: dict) -> None:
         if "stream" not in batch:
@@ -309,9 +341,8 @@ class ResumableLoader(DataLoader):
             "positions": {w: list(p) for w, p in self._positions.items()},
             "pending": {w: [list(p) for p in items] for w, items in self._pending.items() if items},
             "next_worker": self._next_worker,
-            "resampled": stream.resampled,
             "seed": stream.seed,
-            "urls": len(stream.urls),
+            "fingerprint": stream.fingerprint(),
         }
 
     def state_dict(self) -> dict:
@@ -324,12 +355,20 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state: dict) -> None:
         rank, world = rank_and_world()
         ranks = state.get("ranks") or []
-        mine = (
-            next((r for r in ranks if r.get("rank") == rank), None)
-            if state.get("world_size") == world
-            else None
-        )
-        if mine is not None and mine["num_workers"] == self._workers and mine["seed"] == self.dataset.seed:
+        mine = next((r for r in ranks if r.get("rank") == rank), None)
+        saved = mine or (ranks[0] if ranks else {})
+        was = {
+            "world_size": state.get("world_size"),
+            "num_workers": saved.get("num_workers"),
+            "seed": saved.get("seed"),
+            **saved.get("fingerprint", {}),  # absent from states saved before it was: not checked
+        }
+        now = {"world_size": world, "num_workers": self._workers, "seed": self.dataset.seed}
+        now.update(self.dataset.fingerprint())
+        changed = [f"{k} {was[k]} → {v}" for k, v in now.items() if k in was and was[k] != v]
+        if mine is None and not changed:
+            changed.append(f"no position of rank {rank}")
+        if not changed:
             self._resume = {
                 "epoch": mine["epoch"],
                 "positions": {int(w): tuple(p) for w, p in mine["positions"].items()},
@@ -341,20 +380,35 @@ class ResumableLoader(DataLoader):
             self._next_epoch = mine["epoch"]
             log.info("data stream resumes at epoch %d, positions %s", mine["epoch"], mine["positions"])
             return
-        # another world size, worker count or seed: the saved positions mean nothing here
+        # the saved positions mean nothing in this stream
         epoch = max((r["epoch"] for r in ranks), default=-1) + 1
         log.warning(
-            "data stream saved with %s ranks × %s workers (seed %s); now %d ranks × %d workers (seed %d): "
-            "cannot continue at the exact sample, starting epoch %d afresh",
-            state.get("world_size"),
-            ranks[0]["num_workers"] if ranks else "?",
-            ranks[0]["seed"] if ranks else "?",
-            world,
-            self._workers,
-            self.dataset.seed,
+            "data stream saved for another setting (%s): cannot continue at the exact sample, "
+            "starting epoch %d afresh",
+            "; ".join(changed),
             epoch,
         )
         self._next_epoch = epoch
+
+
+def _agreement_device() -> torch.device | None:
+    """Where the ranks' 1-element agreement tensor must live (CUDA for NCCL); None outside a multi-rank group."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _while_every_rank_has_one(batches: Iterator[dict], device: torch.device) -> Iterator[dict]:
+    """`batches` while every rank still has one: each rank makes the same all-reduces, one more than the
+    batches all of them yield."""
+    for batch in chain(batches, [None]):
+        have = torch.tensor([batch is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        if not have.item():
+            return
+        yield batch
 
 
 def _timed(iterator, loader: ResumableLoader):

@@ -87,6 +87,12 @@ _ORIENTATIONS = {
 }
 
 
+def displayed_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image as shown, its EXIF orientation applied (from the header alone)."""
+    swapped = _ORIENTATIONS.get(image.getexif().get(_ORIENTATION, 1), (False,))[0]
+    return image.size[::-1] if swapped else image.size
+
+
 def draft_geometry(image: Image.Image) -> DraftGeometry | None:
     """The DraftGeometry decode_image recorded for `image`, or None: not DCT-scaled, or since resized/cropped."""
     geometry = image.info.get(DRAFT_INFO)

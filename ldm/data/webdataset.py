@@ -280,7 +280,7 @@ class Batch:
     plus the skips since the previous batch: {"n_skipped": (), "skipped": {reason: ()}}.
 
     `ShardStream` decides which samples form a batch (one queue per `shape_key`, i.e. per aspect-ratio bucket)
-    and when (once the sample after it arrives, so skips met at the end of a finite stream are still reported).
+    and when (once the good sample after it arrives or the stream ends: the skips met before go with it).
     """
 
     def __init__(self, batch_size: int, counter: SkipCounter):

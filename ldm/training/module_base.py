@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from ldm.data.webdataset import SKIP_REASONS
 from ldm.training.fsdp import full_tensor, is_sharded
 from ldm.training.nonfinite import NonFiniteGuard
 from ldm.training.optim import AdamWSettings
@@ -24,7 +26,7 @@ class LDMModuleBase(L.LightningModule):
         super().__init__()
         self.optim_settings = optim
         self.config = config  # the resolved run config, as plain containers; written into every checkpoint
-        self.skipped_samples = 0  # per rank, since the start of this process
+        self.skipped_samples = 0  # over all ranks, since the start of the run (kept in the checkpoint)
         self.skipped_by_reason: dict[str, int] = {}
         self.caption_sources: dict[str, int] = {}  # data.captions: samples per caption source
         self.max_nonfinite_steps: int | None = 10  # set by run.train from the config's max_nonfinite_steps
@@ -90,12 +92,19 @@ class LDMModuleBase(L.LightningModule):
         return any(g.skipped_last for g in self.nonfinite.values())
 
     def log_data_stats(self, batch: dict) -> None:
-        """Samples the loader skipped (corrupt/undecodable), summed over its workers, in total and per reason."""
-        for reason, count in (batch.get("skipped") or {}).items():
-            self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + int(count)
-            self.log(f"data/skipped_{reason}", float(self.skipped_by_reason[reason]))
-        if batch.get("n_skipped") is not None:
-            self.skipped_samples += int(batch["n_skipped"])
+        """Samples the loaders skipped (damaged or filtered out), summed over workers and ranks since the start of
+        the run, in total and per reason. Every rank calls it at every training step: one all-reduce of the
+        batch's counts for the fixed SKIP_REASONS."""
+        skipped = batch.get("skipped") or {}
+        counts = torch.tensor([int(skipped.get(r, 0)) for r in SKIP_REASONS], device=self.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)
+        for reason, count in zip(SKIP_REASONS, counts.tolist(), strict=True):
+            self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + count
+        self.skipped_samples = sum(self.skipped_by_reason.values())
+        if "skipped" in batch:
+            for reason in SKIP_REASONS:
+                self.log(f"data/skipped_{reason}", float(self.skipped_by_reason[reason]))
             self.log("data/skipped_samples", float(self.skipped_samples))
         if batch.get("caption_source"):  # data.captions: the share of each source so far (on this process)
             for source in batch["caption_source"]:
@@ -122,6 +131,7 @@ class LDMModuleBase(L.LightningModule):
             **self.describe(),
         }
         checkpoint["nonfinite_steps"] = {name: guard.total for name, guard in self.nonfinite.items()}
+        checkpoint["skipped_samples"] = dict(self.skipped_by_reason)
         if "optimizer_states" not in checkpoint:  # a weights-only save: a file to sample from, not to resume
             state = checkpoint["state_dict"]
             for key in [k for k in state if not k.startswith(self.weights_only_prefixes)]:
@@ -131,3 +141,5 @@ class LDMModuleBase(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         for name, total in (checkpoint.get("nonfinite_steps") or {}).items():
             self.nonfinite.setdefault(name, NonFiniteGuard(self.max_nonfinite_steps)).total = int(total)
+        self.skipped_by_reason = {r: int(n) for r, n in (checkpoint.get("skipped_samples") or {}).items()}
+        self.skipped_samples = sum(self.skipped_by_reason.values())
