@@ -19,6 +19,7 @@ from torch import Tensor
 from ldm.data.webdataset import image_text_pipeline
 from ldm.models.autoencoder import DiagonalGaussian
 from ldm.utils.checkpoint import BUNDLE_KEY, atomic_save, load_checkpoint
+from ldm.utils.launcher import collective_device
 
 
 @dataclass
@@ -54,8 +55,7 @@ class LatentMoments:
     def stats(self, pool: bool = True) -> LatentStats:
         """Mean and std over everything seen, on this rank only or (`pool`) over all ranks, which must all call."""
         sums = self.sums.clone()
-        if pool and dist.is_available() and dist.is_initialized():
-            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        if pool and (device := collective_device()) is not None:
             sums = sums.to(device)
             dist.all_reduce(sums)
             sums = sums.cpu()

@@ -242,10 +242,10 @@ def fp16_scaler(monkeypatch):
     import ldm.training.run as run
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
-    cluster = run._cluster
+    cluster = run.cluster_settings
     monkeypatch.setattr(
         run,
-        "_cluster",
+        "cluster_settings",
         lambda cfg: (cluster(cfg)[0], [*cluster(cfg)[1], MixedPrecision("16-mixed", "cpu", scaler=scaler)]),
     )
     return scaler

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm.data.transforms import SampleError
 from ldm.data.webdataset import Batch, SkipCounter, TarSamples, expand_urls
-from ldm.utils.launcher import gather_objects, rank_and_world
+from ldm.utils.launcher import collective_device, gather_objects, rank_and_world
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +319,7 @@ class ResumableLoader(DataLoader):
         self._epoch, self._next_epoch = epoch, epoch + 1
         self._positions, self._pending, self._next_worker = dict(start), dict(pending), offset
         batches = super().__iter__()
-        if not stream.resampled and (device := _agreement_device()) is not None:
+        if not stream.resampled and (device := collective_device()) is not None:
             batches = _while_every_rank_has_one(batches, device)
         return _timed(batches, self)
 
@@ -389,15 +389,6 @@ class ResumableLoader(DataLoader):
             epoch,
         )
         self._next_epoch = epoch
-
-
-def _agreement_device() -> torch.device | None:
-    """Where the ranks' 1-element agreement tensor must live (CUDA for NCCL); None outside a multi-rank group."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return None
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _while_every_rank_has_one(batches: Iterator[dict], device: torch.device) -> Iterator[dict]:

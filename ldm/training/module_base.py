@@ -12,6 +12,7 @@ from ldm.training.fsdp import full_tensor, is_sharded
 from ldm.training.nonfinite import NonFiniteGuard
 from ldm.training.optim import AdamWSettings
 from ldm.utils.checkpoint import BUNDLE_KEY, CONTENTS_KEY, FORMAT_VERSION, WEIGHTS_ONLY
+from ldm.utils.launcher import collective_device
 
 NUM_TIMESTEP_BINS = 10
 
@@ -96,8 +97,9 @@ class LDMModuleBase(L.LightningModule):
         the run, in total and per reason. Every rank calls it at every training step: one all-reduce of the
         batch's counts for the fixed SKIP_REASONS."""
         skipped = batch.get("skipped") or {}
-        counts = torch.tensor([int(skipped.get(r, 0)) for r in SKIP_REASONS], device=self.device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        counts = torch.tensor([int(skipped.get(r, 0)) for r in SKIP_REASONS])
+        if (device := collective_device()) is not None:
+            counts = counts.to(device)
             dist.all_reduce(counts)
         for reason, count in zip(SKIP_REASONS, counts.tolist(), strict=True):
             self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + count

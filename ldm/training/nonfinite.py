@@ -14,10 +14,13 @@ one, so a NaN on one rank is a NaN on all and no rank steps alone.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteGradients(RuntimeError):
@@ -68,3 +71,23 @@ class NonFiniteGuard:
             f"bf16-mixed), or a corrupt stretch of data. Resume with ckpt_path=<the checkpoint> after changing "
             f"one of them, or raise max_nonfinite_steps."
         )
+
+
+def configured_limit(limit) -> int | None:
+    """The config's `max_nonfinite_steps`, refused when negative (before anything is built)."""
+    NonFiniteGuard(limit)
+    return None if limit is None else int(limit)
+
+
+# fp16's GradScaler starts at 2**16 and halves its scale at every overflowing step: 40 in a row take it below
+# 2**-24, fp16's smallest subnormal, where no scale makes the gradients finite. Fewer are its search for a scale.
+SCALER_STREAK = 40
+
+
+def limit_under_scaler(limit: int | None, scaler) -> int | None:
+    """The stop limit under an fp16 GradScaler (decided from the built Trainer: `16-mixed` on a CPU is bf16, and
+    `16-true` has none): at least SCALER_STREAK. Skipped steps are still detected and counted, and leave the EMA."""
+    if scaler is None or limit is None or limit >= SCALER_STREAK:
+        return limit
+    log.info("fp16 GradScaler: max_nonfinite_steps raised from %d to %d", limit, SCALER_STREAK)
+    return SCALER_STREAK

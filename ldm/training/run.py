@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import secrets
 import subprocess
@@ -15,8 +14,6 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldm.data.latents import read_cache_info
@@ -25,8 +22,9 @@ from ldm.training.checkpoint_io import AtomicCheckpointIO
 from ldm.training.fast_paths import FastPathsCallback
 from ldm.training.fsdp import compile_blocks, is_sharded
 from ldm.training.init_from import load_init_weights
-from ldm.training.nonfinite import NonFiniteGradients, NonFiniteGuard
+from ldm.training.nonfinite import NonFiniteGradients, configured_limit, limit_under_scaler
 from ldm.training.optim import ConfiguredOptimizer
+from ldm.training.parallel import allow_idle_discriminator, cluster_settings, scale_lr, sharding_strategy
 from ldm.training.resume import ExactResumeCallback, PreemptionCallback
 from ldm.training.throughput import ThroughputCallback
 from ldm.utils.checkpoint import BUNDLE_KEY, CONTENTS_KEY, WEIGHTS_ONLY, load_bundle, submodule_state
@@ -62,8 +60,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
         _adopt_autoencoder_config(cfg)
     else:
         _cache_info(cfg)  # refuses cached latents as stage-1 data
-    trainer_overrides, plugins = _cluster(cfg)
-    trainer_overrides.update(_strategy(cfg))
+    trainer_overrides, plugins = cluster_settings(cfg)
+    trainer_overrides.update(sharding_strategy(cfg, stage))
     module = build_module(cfg)
     if init is not None:
         load_init_weights(module, init, cfg.init_from)
@@ -74,7 +72,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks += [ExactResumeCallback(), ConfiguredOptimizer(module.optim_settings), *_speed_callbacks(cfg)]
     callbacks += [preemption, *extra_callbacks]
-    max_nonfinite_steps = _max_nonfinite_steps(cfg)
+    max_nonfinite_steps = configured_limit(cfg.get("max_nonfinite_steps", 10))
     if not module.automatic_optimization:  # the module clips each of its optimizers itself
         module.gradient_clip_val = cfg.trainer.get("gradient_clip_val")
         trainer_overrides["gradient_clip_val"] = None
@@ -86,11 +84,11 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO(), *plugins],
     )
-    _find_unused_discriminator(module, trainer)
-    module.max_nonfinite_steps = _with_scaler(
+    allow_idle_discriminator(module, trainer)
+    module.max_nonfinite_steps = limit_under_scaler(
         max_nonfinite_steps, getattr(trainer.precision_plugin, "scaler", None)
     )
-    scale = _scale_lr(cfg, module, trainer)
+    scale = scale_lr(cfg, module, trainer)
     if logger and trainer.is_global_zero:
         logger[0].log_hyperparams({**to_plain(cfg), "derived": scale})
     ckpt_path = cfg.ckpt_path or _hpc_checkpoint(run_dir)
@@ -134,37 +132,6 @@ def _alert(trainer: L.Trainer, title: str, text: str) -> None:
                 lg.experiment.alert(title=title, text=text[:1000], level="ERROR")
             except Exception as err:  # an alert must never hide the error it reports
                 log.warning("W&B alert not sent: %s", err)
-
-
-def _find_unused_discriminator(module: L.LightningModule, trainer: L.Trainer) -> None:
-    """Stage 1 under DDP: the discriminator has no gradients before `disc_start`, which plain DDP refuses at the
-    second step ("parameters that were not used"). Its DDP is built with `find_unused_parameters` however the
-    strategy was named (`auto` with several devices, `ddp`, torchrun, Slurm)."""
-    loss = getattr(module, "loss", None)
-    if getattr(loss, "discriminator", None) is None or not isinstance(trainer.strategy, DDPStrategy):
-        return
-    trainer.strategy._ddp_kwargs["find_unused_parameters"] = True  # read when it wraps the module in fit
-
-
-def _max_nonfinite_steps(cfg: DictConfig) -> int | None:
-    """`max_nonfinite_steps` (ldm.training.nonfinite), checked before anything is built."""
-    limit = cfg.get("max_nonfinite_steps", 10)
-    NonFiniteGuard(limit)  # refuses a negative limit before the run starts
-    return None if limit is None else int(limit)
-
-
-# fp16's GradScaler starts at 2**16 and halves its scale at every overflowing step: 40 in a row take it below
-# 2**-24, fp16's smallest subnormal, where no scale makes the gradients finite. Fewer are its search for a scale.
-SCALER_STREAK = 40
-
-
-def _with_scaler(limit: int | None, scaler) -> int | None:
-    """The stop limit under an fp16 GradScaler (decided from the built Trainer: `16-mixed` on a CPU is bf16, and
-    `16-true` has none): at least SCALER_STREAK. Skipped steps are still detected and counted, and leave the EMA."""
-    if scaler is None or limit is None or limit >= SCALER_STREAK:
-        return limit
-    log.info("fp16 GradScaler: max_nonfinite_steps raised from %d to %d", limit, SCALER_STREAK)
-    return SCALER_STREAK
 
 
 def _speed_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -263,37 +230,6 @@ def _check_bucket_sizes(cfg: DictConfig, module: L.LightningModule) -> None:
         )
 
 
-def _strategy(cfg: DictConfig) -> dict:
-    """`strategy=fsdp` (configs/strategy/): a strategy object that replaces `trainer.strategy`."""
-    if not cfg.get("strategy"):
-        return {}
-    if stage_of(cfg) != "diffusion":
-        raise ValueError(
-            "strategy=fsdp shards the UNet of stage 2; stage 1 trains with DDP (trainer.strategy)"
-        )
-    overrides = {"strategy": instantiate(cfg.strategy)}
-    if cfg.data.get("val_urls"):
-        # a sharded forward is a collective: ranks with unequal numbers of held-out batches would wait forever
-        log.warning(
-            "strategy=fsdp: the held-out loss (data.val_urls) is not computed; eval callbacks still run"
-        )
-        overrides["limit_val_batches"] = 0
-    return overrides
-
-
-def _cluster(cfg: DictConfig) -> tuple[dict, list]:
-    """Under Slurm: devices and nodes from the allocation (Lightning refuses others), and its environment
-    (ranks, master address/port from the job). Requeueing is `PreemptionCallback`'s, not Lightning's."""
-    if not SLURMEnvironment.detect():
-        return {}, []
-    nodes = int(os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1)
-    per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
-    devices = int(per_node) if per_node.isdigit() else int(os.environ["SLURM_NTASKS"]) // nodes
-    if (cfg.trainer.get("devices"), cfg.trainer.get("num_nodes")) != (devices, nodes):
-        log.info("Slurm allocation: trainer.devices=%d trainer.num_nodes=%d", devices, nodes)
-    return {"devices": devices, "num_nodes": nodes}, [SLURMEnvironment(auto_requeue=False)]
-
-
 def _hpc_checkpoint(run_dir: Path) -> str | None:
     """The newest checkpoint a preempted run left in `run_dir` (Lightning's `hpc_ckpt_<n>.ckpt`), if any."""
     found = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
@@ -332,31 +268,6 @@ def _wandb_resume(cfg: DictConfig, run_dir: Path) -> dict:
             run_dir.mkdir(parents=True, exist_ok=True)
             path.write_text(run_id + "\n")
     return {"id": run_id, "resume": "allow"}
-
-
-def _scale_lr(cfg: DictConfig, module: L.LightningModule, trainer: L.Trainer) -> dict:
-    """Global batch = per-device batch × devices × nodes × accumulation; optim.lr scaled by `lr_scaling`
-    (none | linear | sqrt) relative to `base_batch_size`. The numbers go into the logged config (`derived`)."""
-    global_batch = cfg.data.batch_size * trainer.world_size * trainer.accumulate_grad_batches
-    rule = cfg.get("lr_scaling") or "none"
-    ratio = global_batch / cfg.get("base_batch_size", global_batch)
-    factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}.get(rule)
-    if factor is None:
-        raise ValueError(f"lr_scaling must be none, linear or sqrt, got {rule!r}")
-    settings = module.optim_settings
-    base_lr = settings.lr
-    settings.lr = base_lr * factor
-    return {
-        "world_size": trainer.world_size,
-        "num_nodes": trainer.num_nodes,
-        "global_batch_size": global_batch,
-        "lr_scaling": rule,
-        "base_lr": base_lr,
-        "lr": settings.lr,
-        "strategy": type(trainer.strategy).__name__,
-        "precision": trainer.precision,
-        **(trainer.strategy.describe() if is_sharded(trainer.strategy) else {}),
-    }
 
 
 def build_module(cfg: DictConfig) -> L.LightningModule:

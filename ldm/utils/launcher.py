@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import torch.distributed as dist
 
 
@@ -33,3 +34,12 @@ def gather_objects(obj) -> list:
         dist.all_gather_object(out, obj)
         return out
     return [obj]
+
+
+def collective_device() -> torch.device | None:
+    """Where a tensor for a collective must live: CUDA under NCCL, else the CPU; None outside a multi-rank group."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
