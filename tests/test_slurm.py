@@ -69,10 +69,10 @@ def _job_state(job: str) -> str:
     return match.group(1) if match else "UNKNOWN"
 
 
-def _expected_keys(setup, run_dir: Path, rank: int, monkeypatch) -> list[list[str]]:  # noqa: F811
-    """The batches rank `rank` of 2 takes in an uninterrupted run: the same loader, iterated here."""
+def _expected_keys(setup, run_dir: Path, rank: int, monkeypatch, world_size: int = 2) -> list[list[str]]:  # noqa: F811
+    """The batches rank `rank` of `world_size` takes in an uninterrupted run: the same loader, iterated here."""
     monkeypatch.setenv("RANK", str(rank))
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
     cfg = compose_train(*[o for o in _overrides(setup, run_dir) if not o.startswith(("+", "hydra."))])
     loader = instantiate(cfg.data).train_dataloader()
     return [batch["key"] for batch in islice(loader, MAX_STEPS)]
@@ -288,3 +288,64 @@ def test_slurm_eval_job_gives_the_one_process_numbers(cluster, setup, tmp_path):
     assert set(slurm["metrics"]) == set(single["metrics"]) and "fd_dinov2" in slurm["metrics"]
     for key, value in single["metrics"].items():
         assert slurm["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+
+
+def test_submitit_sweep_jobs_checkpoint_requeue_and_resume(cluster, setup, tmp_path, monkeypatch):  # noqa: F811
+    """`train.py -m hydra/launcher=submitit_slurm`: each sweep point is one task of a Slurm job array. submitit has
+    Slurm send USR2 before the time limit (here `scancel --signal=USR2`); each job must checkpoint at the step
+    boundary, leave the requeue to submitit (same sweep job, same run dir) and resume exactly."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in _overrides(setup, sweep) if not o.startswith(("hydra.", "+callbacks.sample_log"))]
+    launcher = subprocess.Popen(
+        [sys.executable, "train.py", "-m", "hydra/launcher=submitit_slurm", *overrides]
+        + [
+            "optim.lr=1e-4,2e-4",
+            "+callbacks.sample_log={_target_: ldm.training.resume.SampleLogCallback, dir: '${run_dir}/samples'}",
+        ]
+        + ["+callbacks.hold={_target_: tests.callbacks.HoldForPreemption, step: 4}"]
+        + [f"hydra.sweep.dir={sweep}", "hydra.launcher.tasks_per_node=1", "hydra.launcher.gpus_per_node=null"]
+        + ["hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=60"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_job_env(),
+    )
+    deadline = time.monotonic() + 1200  # a guard against a hung job, not a speed requirement
+    signalled = False
+    try:
+        while time.monotonic() < deadline and launcher.poll() is None:
+            logs = [_log(sweep / str(num), 0) for num in (0, 1)]
+            if not signalled and all(log and log[-1]["step"] >= 3 for log in logs):
+                jobs = {p.name.split("_")[0] for p in (sweep / ".submitit").glob("*_*") if p.name[0].isdigit()}
+                assert len(jobs) == 1, jobs  # one array
+                subprocess.run(["scancel", "--signal=USR2", jobs.pop()], check=True)
+                signalled = True
+            time.sleep(1)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            subprocess.run(["scancel", "--name", "tiny"])
+    text = launcher.stdout.read()
+    logs = {p: p.read_text() for p in sweep.glob(".submitit/*/*_log.*")}
+    print(text[-3000:], *(f"--- {p}\n{t[-3000:]}" for p, t in logs.items()))
+    assert signalled, "training never reached step 3"
+    assert launcher.returncode == 0, text[-3000:]
+
+    expected = _expected_keys(setup, sweep, 0, monkeypatch, world_size=1)
+    for num, lr in ((0, "0.0001"), (1, "0.0002")):
+        run_dir = sweep / str(num)
+        assert f"optim.lr={lr}" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+        assert (
+            torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=True, map_location="cpu")["global_step"] == 4
+        )
+        final = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+        assert final["global_step"] == MAX_STEPS
+        lines = _log(run_dir, 0)
+        assert [line["step"] for line in lines] == list(range(MAX_STEPS))  # steps 4.. once, after the requeue
+        assert [line["restart"] for line in lines] == [0] * 4 + [1] * (MAX_STEPS - 4)
+        assert [line["keys"] for line in lines] == expected
+    job_logs = "\n".join(logs.values())
+    assert job_logs.count("the requeue is left to SignalHandler.checkpoint_and_try_requeue") == 2
+    assert job_logs.count("resuming from") == 2 and "Requeued job" in job_logs

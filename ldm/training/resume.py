@@ -9,6 +9,8 @@
   then requeues the job (`scontrol requeue`) and the requeued job resumes from that checkpoint.
   Lightning's own handler (`SLURMEnvironment(auto_requeue=True)`) saves from inside the signal handler, on
   each rank at whatever point of the step it happens to be; this one waits for the step to end.
+  Under Hydra's submitit launcher (`hydra/launcher=submitit_slurm`) it also catches submitit's signal (USR2),
+  and the requeue is left to submitit's own handler, which resubmits the same sweep job.
 """
 
 from __future__ import annotations
@@ -96,22 +98,44 @@ class ExactResumeCallback(L.Callback):
         self._loaded = None
 
 
+def preemption_signals() -> list[int]:
+    """USR1, and in a job of Hydra's submitit launcher also the signal submitit has Slurm send before the time
+    limit (`#SBATCH --signal=USR2@<signal_delay_s>`; `SUBMITIT_PREEMPT_SIGNAL` names another)."""
+    signums = [signal.SIGUSR1]
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+        submitit = getattr(signal, f"SIG{name}", None)
+        if submitit is not None and submitit not in signums:
+            signums.append(submitit)
+    return signums
+
+
 class PreemptionCallback(L.Callback):
-    """On `signum` (USR1): at the next optimizer-step boundary every rank saves `hpc_ckpt_<n>.ckpt` in the run
-    dir (where Lightning looks on a Slurm restart) and training stops; `preempted` and `checkpoint` say so.
+    """On one of `signums` (default: `preemption_signals()`): at the next optimizer-step boundary every rank saves
+    `hpc_ckpt_<n>.ckpt` in the run dir (where Lightning looks on a Slurm restart) and training stops;
+    `preempted` and `checkpoint` say so, `received` names the signal.
 
-    The handler is installed at construction, so the signal is caught from then on (before that, during
-    imports, it would end the process). The flag is all-reduced at each step end: a 1-element collective."""
+    The handlers are installed at construction, so the signal is caught from then on (before that, during
+    imports, it would end the process). The flag is all-reduced at each step end: a 1-element collective.
+    `handed_over()` is the handler the received signal had before (submitit's, in a submitit job), which
+    `run.train` calls after the checkpoint to requeue."""
 
-    def __init__(self, signum: int = signal.SIGUSR1) -> None:
-        self.signum = signum
+    def __init__(self, signums: list[int] | None = None) -> None:
+        self.signums = preemption_signals() if signums is None else list(signums)
         self.signalled = False
+        self.received: int | None = None
         self.preempted = False
         self.checkpoint: str | None = None
-        self._previous = signal.signal(signum, self._handler)
+        self._previous = {signum: signal.signal(signum, self._handler) for signum in self.signums}
 
     def _handler(self, signum, frame) -> None:
         self.signalled = True
+        self.received = signum
+
+    def handed_over(self):
+        """The Python handler the received signal had before this callback's (None for Slurm's default)."""
+        previous = self._previous.get(self.received)
+        return previous if callable(previous) else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches != 0 or self.preempted:
@@ -129,7 +153,8 @@ class PreemptionCallback(L.Callback):
             log.warning("preemption signal: saved %s at step %d; stopping", path, trainer.global_step)
 
     def teardown(self, trainer, pl_module, stage) -> None:
-        signal.signal(self.signum, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 class SampleLogCallback(L.Callback):

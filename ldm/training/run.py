@@ -48,7 +48,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
     `extra_callbacks` join those of the config (benchmarks and tests use it to observe a run). A run dir that
     holds an `hpc_ckpt_<n>.ckpt` (left by a preempted run) resumes from it. On the preemption signal (USR1) the
     run checkpoints, stops, and under Slurm requeues its job; the result then has `preempted: True`."""
-    preemption = PreemptionCallback()  # first: from here on USR1 checkpoints instead of killing
+    preemption = PreemptionCallback()  # first: from here on USR1 (submitit: USR2) checkpoints instead of killing
     check_config(cfg)
     stage = stage_of(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -111,7 +111,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
             if isinstance(lg, WandbLogger) and lg._experiment is not None:
                 lg.experiment.finish()  # a later train() in this process starts its own run
     if preemption.preempted and trainer.is_global_zero:
-        _requeue()
+        _requeue(preemption)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     return {
         "checkpoint": str(final),
@@ -238,7 +238,14 @@ def _hpc_checkpoint(run_dir: Path) -> str | None:
     return str(found[-1]) if found else None
 
 
-def _requeue() -> None:
+def _requeue(preemption: PreemptionCallback) -> None:
+    submitit = preemption.handed_over()
+    if submitit is not None:
+        # a job of Hydra's submitit launcher: its handler resubmits the same sweep job (same run dir, counted
+        # against max_num_timeout), runs `scontrol requeue` and exits
+        log.warning("preempted: the requeue is left to %s", getattr(submitit, "__qualname__", submitit))
+        submitit(preemption.received, None)
+        return
     job = os.environ.get("SLURM_JOB_ID")
     if os.environ.get("SLURM_ARRAY_JOB_ID"):
         job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
