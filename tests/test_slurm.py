@@ -318,7 +318,9 @@ def test_submitit_sweep_jobs_checkpoint_requeue_and_resume(cluster, setup, tmp_p
         while time.monotonic() < deadline and launcher.poll() is None:
             logs = [_log(sweep / str(num), 0) for num in (0, 1)]
             if not signalled and all(log and log[-1]["step"] >= 3 for log in logs):
-                jobs = {p.name.split("_")[0] for p in (sweep / ".submitit").glob("*_*") if p.name[0].isdigit()}
+                jobs = {
+                    p.name.split("_")[0] for p in (sweep / ".submitit").glob("*_*") if p.name[0].isdigit()
+                }
                 assert len(jobs) == 1, jobs  # one array
                 subprocess.run(["scancel", "--signal=USR2", jobs.pop()], check=True)
                 signalled = True

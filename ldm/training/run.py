@@ -48,7 +48,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
     `extra_callbacks` join those of the config (benchmarks and tests use it to observe a run). A run dir that
     holds an `hpc_ckpt_<n>.ckpt` (left by a preempted run) resumes from it. On the preemption signal (USR1) the
     run checkpoints, stops, and under Slurm requeues its job; the result then has `preempted: True`."""
-    preemption = PreemptionCallback()  # first: from here on USR1 (submitit: USR2) checkpoints instead of killing
+    preemption = (
+        PreemptionCallback()
+    )  # first: from here on USR1 (submitit: USR2) checkpoints instead of killing
     check_config(cfg)
     stage = stage_of(cfg)
     L.seed_everything(cfg.seed, workers=True)
