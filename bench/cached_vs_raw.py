@@ -109,7 +109,7 @@ def run_case(name: str, case: dict, steps: int, warmup: int, workers: int, work:
         res,
         batch_size=batch,
         num_workers=workers,
-        info=cache_info(ae_ckpt, bundle, res, "center", None, str(images)),
+        info=cache_info(ae_ckpt, bundle, res, "center", None, str(images), autoencoder),
         progress=False,
     )
     cache_s = time.perf_counter() - start

@@ -21,9 +21,16 @@ import webdataset as wds
 from ldm.conditioning import FrozenOpenCLIPTextEncoder
 from ldm.data.buckets import MICRO_KEYS, BucketDecoder, BucketSpec, BucketTransform
 from ldm.data.filters import SampleFilter
-from ldm.data.latents import CACHE_INFO, LATENTS_MEMBER, encode_latents_member, write_cache_info
+from ldm.data.latents import (
+    CACHE_INFO,
+    LATENTS_MEMBER,
+    encode_latents_member,
+    encoder_digest,
+    write_cache_info,
+)
 from ldm.data.transforms import ImageTransform, SampleError, decode_caption
 from ldm.data.webdataset import ImageDecoder, SkipCounter, TarSamples, expand_urls
+from ldm.utils.checkpoint import load_bundle, submodule_state
 
 
 def cache_info(
@@ -33,9 +40,11 @@ def cache_info(
     crop: str,
     text_encoder: FrozenOpenCLIPTextEncoder | None,
     urls: str | Sequence[str],
+    autoencoder: torch.nn.Module | None = None,
 ) -> dict:
-    """What a cache was made from; training compares the autoencoder and text encoder with its own. The image
-    settings (resolution, crop, buckets) are entered by `cache_latents` as it applies them."""
+    """What a cache was made from; training compares the autoencoder (architecture and encoder weights) and text
+    encoder with its own. `autoencoder` is the one loaded from `autoencoder_ckpt` (read from the file when None).
+    The image settings (resolution, crop, buckets) are entered by `cache_latents` as it applies them."""
     text = None
     if text_encoder is not None:
         text = text_encoder.identity()
@@ -44,10 +53,16 @@ def cache_info(
                 "caching text encodings needs a pretrained text encoder: a randomly initialised one is drawn anew "
                 "by every run, so its cached encodings would not match the model that samples (cache latents only)"
             )
+    if autoencoder is None:
+        _, ckpt = load_bundle(autoencoder_ckpt)
+        state = submodule_state(ckpt["state_dict"], "autoencoder")
+    else:
+        state = autoencoder.state_dict()
     return {
         "format_version": 1,
         "autoencoder_checkpoint": str(Path(autoencoder_ckpt).resolve()),
         "autoencoder": bundle["config"]["autoencoder"],
+        "encoder_sha256": encoder_digest(state),
         "resolution": int(resolution),
         "crop": crop,
         "buckets": None,
@@ -313,6 +328,7 @@ def _captions(batch: dict) -> list[str]:
 
 _INFO_KEYS_THAT_MUST_MATCH = (
     "autoencoder",
+    "encoder_sha256",
     "resolution",
     "crop",
     "buckets",

@@ -41,7 +41,9 @@ def main(cfg: DictConfig) -> None:
         rank=rank,
         world_size=world_size,
         num_workers=cfg.num_workers,
-        info=cache_info(cfg.autoencoder_ckpt, bundle, resolution, cfg.crop, text_encoder, cfg.urls),
+        info=cache_info(
+            cfg.autoencoder_ckpt, bundle, resolution, cfg.crop, text_encoder, cfg.urls, autoencoder
+        ),
         crop=cfg.crop,
         buckets=cfg.buckets,
         filters=cfg.get("filters"),

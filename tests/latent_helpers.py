@@ -52,7 +52,7 @@ def cache_shards(ae_ckpt, shards, out, crop="center", buckets=None, **kwargs):
     ae, bundle = load_autoencoder(ae_ckpt)
     text_encoder = kwargs.pop("text_encoder", None)
     resolution = kwargs.pop("resolution", 32)
-    info = cache_info(ae_ckpt, bundle, resolution, crop, text_encoder, str(shards))
+    info = cache_info(ae_ckpt, bundle, resolution, crop, text_encoder, str(shards), ae)
     return cache_latents(
         ae,
         str(shards),

@@ -293,7 +293,9 @@ def test_reference_of_cached_latents_is_the_images_they_were_made_from(shards, w
     }
     torch.manual_seed(0)
     autoencoder = KLAutoencoder(**arch)
-    info = cache_info("random-vae.ckpt", {"config": {"autoencoder": arch}}, 32, "center", None, shards[1])
+    info = cache_info(
+        "random-vae.ckpt", {"config": {"autoencoder": arch}}, 32, "center", None, shards[1], autoencoder
+    )
     cache = tmp_path / "val-latents"
     cache_latents(autoencoder, shards[1], cache, 32, num_workers=0, info=info, progress=False)
 

@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import re
+import shutil
 import tarfile
 from collections import Counter
 
@@ -479,9 +480,9 @@ def test_training_and_held_out_caches_must_come_from_the_run_s_encoders(shards, 
     )
     cache_shards(other_ckpt, shards, other)
 
-    def adopt(train, val):
+    def adopt(train, val, *overrides):
         cfg = compose_train(
-            "experiment=tiny", "data=latents", f"data.train_urls={train}", f"data.val_urls={val}"
+            "experiment=tiny", "data=latents", f"data.train_urls={train}", f"data.val_urls={val}", *overrides
         )
         _adopt_autoencoder_config(cfg)
         return cfg
@@ -496,6 +497,26 @@ def test_training_and_held_out_caches_must_come_from_the_run_s_encoders(shards, 
         _adopt_autoencoder_config(other_size)  # e.g. experiment=laion_512 on a 256-px cache
     with pytest.raises(ValueError, match=f"latents in {other} were made by another autoencoder"):
         adopt(ours, other)
+
+    # the same architecture: another step of the stage-1 run encodes differently; a decoder tuned alone does not
+    later, tuned = tmp_path / "later-step.ckpt", tmp_path / "decoder-tuned.ckpt"
+    for path, name in ((later, "encoder.conv_in.weight"), (tuned, "decoder.conv_out.weight")):
+        ckpt = torch.load(ae_ckpt, weights_only=True, map_location="cpu")
+        ckpt["state_dict"][f"autoencoder.{name}"] += 1e-3
+        atomic_save(ckpt, path)
+    with pytest.raises(ValueError, match=f"latents in {ours} were encoded by other encoder weights"):
+        adopt(ours, ours, f"autoencoder_ckpt={later}")
+    assert adopt(ours, ours, f"autoencoder_ckpt={tuned}").autoencoder_ckpt == str(tuned)
+    with pytest.raises(
+        ValueError, match="different 'encoder_sha256'"
+    ):  # resuming the cache with other weights
+        cache_shards(later, shards, ours)
+    legacy = tmp_path / "legacy"  # a cache_info.json written before the digest was recorded: not checked
+    shutil.copytree(ours, legacy)
+    info = json.loads((legacy / "cache_info.json").read_text())
+    del info["encoder_sha256"]
+    (legacy / "cache_info.json").write_text(json.dumps(info))
+    assert adopt(legacy, legacy, f"autoencoder_ckpt={later}").autoencoder_ckpt == str(later)
 
     weights = tmp_path / "open_clip_pytorch_model.bin"
     torch.save(open_clip.create_model("ldm-tiny-text", pretrained=None).state_dict(), weights)

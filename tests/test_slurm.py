@@ -161,7 +161,7 @@ def test_slurm_cache_job_splits_the_shards_and_requeues_keeping_complete_ones(cl
     shards, vae = setup
     reference, out_dir = tmp_path / "reference", tmp_path / "cache"
     ae, bundle = load_autoencoder(vae)
-    info = cache_info(vae, bundle, 32, "center", None, shards)
+    info = cache_info(vae, bundle, 32, "center", None, shards, ae)
     cache_latents(ae, shards, reference, 32, batch_size=8, num_workers=0, info=info, progress=False)
     # a caching job that was stopped after its first shard: that shard is complete, the next one half written
     names = sorted(p.name for p in reference.glob("*.tar"))

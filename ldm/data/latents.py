@@ -25,6 +25,7 @@ resolution, crop, text encoder identity), which training checks against its own 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import random
@@ -223,6 +224,25 @@ def latent_pipeline(
         round_shards=round_shards,
         log_every=log_every,
     )
+
+
+ENCODING_WEIGHTS = ("encoder.", "quant_conv.")  # what maps an image to its latent posterior
+
+
+def encoder_digest(autoencoder_state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 (16 hex digits) of the autoencoder weights that make latents (`encoder.*`, `quant_conv.*`; names,
+    dtypes, shapes and values): the same for a copy of a stage-1 checkpoint or one whose decoder alone was tuned,
+    different for another step of the stage-1 run. A cache records it (`cache_info.json`: `encoder_sha256`) and
+    training compares it with its `autoencoder_ckpt`'s."""
+    digest = hashlib.sha256()
+    names = sorted(k for k in autoencoder_state if k.startswith(ENCODING_WEIGHTS))
+    if not names:
+        raise ValueError("no encoder weights (encoder.*, quant_conv.*) in this autoencoder state dict")
+    for name in names:
+        tensor = autoencoder_state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def read_cache_info(urls: str | Sequence[str]) -> dict | None:

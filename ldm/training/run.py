@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ldm.data.latents import read_cache_info
+from ldm.data.latents import encoder_digest, read_cache_info
 from ldm.inference import LatentCodec
 from ldm.training.checkpoint_io import AtomicCheckpointIO
 from ldm.training.fast_paths import FastPathsCallback
@@ -322,17 +322,27 @@ def _adopt_autoencoder_config(cfg: DictConfig) -> None:
             "stage 2 (diffusion) needs a trained autoencoder: set autoencoder_ckpt=path/to/stage1/last.ckpt "
             "(train one with `python train.py experiment=vae_tiny` or `experiment=vae_laion_256`)"
         )
-    bundle, _ = load_bundle(cfg.autoencoder_ckpt)
+    bundle, ckpt = load_bundle(cfg.autoencoder_ckpt)
     if bundle.get("stage") != "autoencoder":
         raise ValueError(
             f"autoencoder_ckpt={cfg.autoencoder_ckpt} is a '{bundle.get('stage')}' checkpoint, not stage 1"
         )
+    encoder = None
     for urls, info in _caches(cfg):  # the held-out cache too: its val/loss would mean nothing otherwise
         if info.get("autoencoder") not in (None, bundle["config"]["autoencoder"]):
             raise ValueError(
                 f"the cached latents in {urls} were made by another autoencoder than "
                 f"autoencoder_ckpt={cfg.autoencoder_ckpt} (architectures differ)"
             )
+        if info.get("encoder_sha256") is not None:  # caches written before it was recorded are not checked
+            encoder = encoder or encoder_digest(submodule_state(ckpt["state_dict"], "autoencoder"))
+            if info["encoder_sha256"] != encoder:
+                raise ValueError(
+                    f"the cached latents in {urls} were encoded by other encoder weights than those of "
+                    f"autoencoder_ckpt={cfg.autoencoder_ckpt} (the cache was made from "
+                    f"{info.get('autoencoder_checkpoint')}): its decoder and latent scale would not match them. "
+                    "Train with that checkpoint, or cache the images again with this one"
+                )
         if info.get("resolution") not in (None, cfg.data.resolution):
             # e.g. experiment=laion_512 (data.resolution: 512) on latents cached at 256 px
             raise ValueError(
