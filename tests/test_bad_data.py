@@ -5,6 +5,7 @@ import json
 import resource
 import socket
 import time
+from itertools import islice
 
 import pytest
 import torch
@@ -161,3 +162,53 @@ def test_training_runs_through_the_corpus_and_logs_the_skips(tmp_path):
     logged = {r: metrics[f"data/skipped_{r}"] for r in SKIP_REASONS}
     assert logged == {**dict.fromkeys(SKIP_REASONS, 0.0), **{r: float(n) for r, n in EXPECTED.items()}}
     assert metrics["data/skipped_samples"] == sum(EXPECTED.values())
+
+
+def test_missing_shards_fail_early_with_the_quoting_hint_or_are_counted(tmp_path, caplog):
+    """No local shard at all (a wrong path, or a brace pattern Hydra did not get) is a clear error before any
+    worker starts; a few missing among existing ones are a warning and a `tar_error` each time they come up."""
+    write_synthetic_shards(tmp_path / "ok", num_samples=8, samples_per_shard=8, resolution=32, seed=0)
+    with pytest.raises(
+        FileNotFoundError, match=r"none of the 10 shard\(s\) exists: .*00000\.tar … .*00009\.tar"
+    ):
+        image_text_pipeline(str(tmp_path / "nowhere" / "{00000..00009}.tar"), 32, 4)
+    with pytest.raises(FileNotFoundError, match="quote a brace pattern for Hydra"):
+        image_text_pipeline(str(tmp_path / "no-such-folder"), 32, 4)
+
+    shard = sorted((tmp_path / "ok").glob("*.tar"))[0]
+    urls = [str(shard), str(tmp_path / "gone.tar")]
+    with caplog.at_level("WARNING"):
+        stream = image_text_pipeline(urls, 32, 4, resampled=False, shuffle_buffer=0, crop="center")
+    assert "1 of 2 shards do not exist" in caplog.text
+    batches = list(DataLoader(stream, batch_size=None, num_workers=0))
+    assert sum(len(b["key"]) for b in batches) == 8
+    assert {r: n for r, n in _per_reason(batches).items() if n} == {"tar_error": 1}
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_an_endless_stream_without_one_usable_sample_stops_with_the_reason(tmp_path, num_workers):
+    """A resampled stream whose shards give nothing (here a size filter above every image) would search forever;
+    it stops once it has read every shard (or 64) in a row in vain, naming the skips. One good shard among bad
+    ones keeps it going."""
+    from ldm.data.filters import SampleFilter
+    from ldm.data.stream import NoUsableSamples
+
+    write_synthetic_shards(tmp_path / "a", num_samples=12, samples_per_shard=4, resolution=32, seed=0)
+    too_big = SampleFilter(min_width=4096, size_from_image=True)
+    stream = image_text_pipeline(str(tmp_path / "a"), 32, 4, filters=too_big, shuffle_buffer=0)
+    loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
+    with pytest.raises(
+        NoUsableSamples, match=r"no usable sample in 3 different shards in a row .*'filter_size': \d+"
+    ):
+        next(iter(loader))  # from a worker too: the DataLoader raises the worker's exception again, same type
+
+    # one usable shard among 3 that are cut short: the shards read in vain in a row never reach 3 (all of them)
+    bad = tmp_path / "b"
+    write_synthetic_shards(bad, num_samples=12, samples_per_shard=4, resolution=32, seed=1)
+    shards = sorted(bad.glob("*.tar"))
+    for path in shards[1:]:
+        path.write_bytes(path.read_bytes()[:700])
+    batches = list(
+        islice(DataLoader(image_text_pipeline(str(bad), 32, 4, shuffle_buffer=0), batch_size=None), 6)
+    )
+    assert len(batches) == 6 and _per_reason(batches).get("tar_error", 0) > 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -36,6 +37,13 @@ from ldm.utils.launcher import collective_device, gather_objects, rank_and_world
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+# A resampled stream that reads this many different shards (or all of them, when fewer) in a row without one
+# usable sample stops with NoUsableSamples instead of searching forever.
+BARREN_SHARDS = 64
+
+
+class NoUsableSamples(RuntimeError):
+    """Shards that yield no usable sample at all: missing, damaged, or everything filtered out."""
 
 
 class ShardStream(IterableDataset):
@@ -68,6 +76,7 @@ class ShardStream(IterableDataset):
     ):
         super().__init__()
         self.urls = expand_urls(urls)
+        _check_local_shards(self.urls)
         self.decode, self.batch_size = decode, batch_size
         self.resampled, self.shuffle_buffer, self.seed = resampled, shuffle_buffer, seed
         self.split_by_node, self.partial_batches, self.log_every = split_by_node, partial_batches, log_every
@@ -179,9 +188,12 @@ class ShardStream(IterableDataset):
                     break
                 if index in keep and (decoded := self._decode(raw, tag_of(rnd), index, counter)) is not None:
                     yield rnd, index, decoded
+        barren: set[str] = set()  # the shards of the rounds read since the last usable sample
         for i, rnd in enumerate(chain([first], rounds)):
             skip, keep = (start_pos, waiting.get(rnd, ())) if i == 0 else (0, ())
-            for index, raw in enumerate(raw_of(rnd)):
+            shards = self.shards(rank, world, worker, num_workers, epoch, rnd)
+            usable = skip > 0  # a round resumed part-way delivered samples before
+            for index, raw in enumerate(self._raw(shards, counter, tag_of(rnd))):
                 if index < skip:  # read again, not decoded: the part of the round consumed before the resume,
                     # but for the samples then waiting in bucket queues
                     if (
@@ -193,10 +205,21 @@ class ShardStream(IterableDataset):
                 if resuming:
                     counter.take()  # skips met while re-reading were reported before the resume
                     resuming = False
-                yield rnd, index, self._decode(raw, tag_of(rnd), index, counter)
+                decoded = self._decode(raw, tag_of(rnd), index, counter)
+                usable = usable or decoded is not None
+                yield rnd, index, decoded
             if resuming:  # saved at the end of the round (of the stream)
                 counter.take()
                 resuming = False
+            barren = set() if usable else barren | set(shards)
+            if self.resampled and len(barren) >= min(len(self.urls), BARREN_SHARDS):
+                raise NoUsableSamples(
+                    f"no usable sample in {len(barren)} different shards in a row (of {len(self.urls)}, e.g. "
+                    f"{sorted(barren)[0]}); skipped so far: { ({k: v for k, v in counter.total.items() if v}) }. "
+                    "Check data.train_urls / data.val_urls and the filters (data.filters: sizes, aspect, "
+                    "scores); the log's first 'skipped' warning names the reason. An endless stream would "
+                    "otherwise wait for a batch forever."
+                )
 
     def _decode(self, raw: dict, tag: str, index: int, counter: SkipCounter) -> dict | None:
         """The sample decoded with its own generator, or None (counted) when it cannot be used."""
@@ -249,6 +272,28 @@ class ShardStream(IterableDataset):
             for queue in sorted(queues.values(), key=lambda q: q[0][:2]):  # oldest first
                 del queues[Batch.shape_key(queue[0][2])]
                 yield emit(queue, waiting(), head)
+
+
+def _check_local_shards(urls: Sequence[str]) -> None:
+    """A clear error when no local shard exists (a wrong path, or a brace pattern Hydra did not get quoted); a
+    warning when some are missing (each is then skipped as a `tar_error` whenever it comes up)."""
+    local = [u for u in urls if not (u.startswith("pipe:") or "://" in u)]
+    missing = [u for u in local if not os.path.isfile(u)]
+    if not missing:
+        return
+    if len(missing) == len(urls):
+        raise FileNotFoundError(
+            f"none of the {len(urls)} shard(s) exists: {missing[0]}"
+            + (f" … {missing[-1]}" if len(missing) > 1 else "")
+            + ". Pass a folder of .tar shards, a file, or a brace pattern; quote a brace pattern for Hydra: "
+            "data.train_urls='\"/data/laion/{00000..09999}.tar\"'"
+        )
+    log.warning(
+        "%d of %d shards do not exist (e.g. %s); each is skipped as a tar_error whenever it comes up",
+        len(missing),
+        len(urls),
+        missing[0],
+    )
 
 
 def _count(start: int) -> Iterator[int]:
