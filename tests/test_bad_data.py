@@ -186,12 +186,13 @@ def test_missing_shards_fail_early_with_the_quoting_hint_or_are_counted(tmp_path
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
-def test_an_endless_stream_without_one_usable_sample_stops_with_the_reason(tmp_path, num_workers):
+def test_a_stream_without_one_usable_sample_stops_with_the_reason(tmp_path, num_workers):
     """A resampled stream whose shards give nothing (here a size filter above every image) would search forever;
-    it stops once it has read every shard (or 64) in a row in vain, naming the skips. One good shard among bad
-    ones keeps it going."""
+    it stops once it has read every shard (or 64) in a row in vain, naming the skips. A finite pass that gives no
+    batch is an error too (Lightning would run empty epochs without end). One good shard among bad ones keeps
+    a resampled stream going."""
     from ldm.data.filters import SampleFilter
-    from ldm.data.stream import NoUsableSamples
+    from ldm.data.stream import NoUsableSamples, ResumableLoader
 
     write_synthetic_shards(tmp_path / "a", num_samples=12, samples_per_shard=4, resolution=32, seed=0)
     too_big = SampleFilter(min_width=4096, size_from_image=True)
@@ -201,6 +202,11 @@ def test_an_endless_stream_without_one_usable_sample_stops_with_the_reason(tmp_p
         NoUsableSamples, match=r"no usable sample in 3 different shards in a row .*'filter_size': \d+"
     ):
         next(iter(loader))  # from a worker too: the DataLoader raises the worker's exception again, same type
+
+    # a finite pass over the same shards gives no batch: an error, not endless empty epochs
+    finite = image_text_pipeline(str(tmp_path / "a"), 32, 4, filters=too_big, resampled=False)
+    with pytest.raises(NoUsableSamples, match=r"epoch 0 gave no batch of 4 on rank 0 of 1: 3 shard\(s\)"):
+        list(ResumableLoader(finite, num_workers=num_workers))
 
     # one usable shard among 3 that are cut short: the shards read in vain in a row never reach 3 (all of them)
     bad = tmp_path / "b"

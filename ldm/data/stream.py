@@ -363,9 +363,12 @@ class ResumableLoader(DataLoader):
         stream.set_epoch(epoch, start, offset, pending)
         self._epoch, self._next_epoch = epoch, epoch + 1
         self._positions, self._pending, self._next_worker = dict(start), dict(pending), offset
+        fresh = not start and not pending
         batches = super().__iter__()
         if not stream.resampled and (device := collective_device()) is not None:
             batches = _while_every_rank_has_one(batches, device)
+        if not stream.resampled and fresh:
+            batches = _not_empty(batches, stream, self._workers, epoch)
         return _timed(batches, self)
 
     def mark_consumed(self, batch: dict) -> None:
@@ -445,6 +448,25 @@ def _while_every_rank_has_one(batches: Iterator[dict], device: torch.device) -> 
         if not have.item():
             return
         yield batch
+
+
+def _not_empty(batches: Iterator[dict], stream: ShardStream, workers: int, epoch: int) -> Iterator[dict]:
+    """`batches`, or NoUsableSamples when a whole finite pass (an epoch from its start) gives none: Lightning would
+    otherwise run empty epochs without end."""
+    empty = True
+    for batch in batches:
+        empty = False
+        yield batch
+    if empty:
+        rank, world = (stream.rank, stream.world) if stream.rank is not None else rank_and_world()
+        raise NoUsableSamples(
+            f"epoch {epoch} gave no batch of {stream.batch_size} on rank {rank} of {world}: {len(stream.urls)} "
+            f"shard(s) split over {world} rank(s) × {workers} worker(s)"
+            + (" (every rank ends with the first that runs out)" if world > 1 else "")
+            + ". Fewer shards than ranks × workers leave some without any, and data.filters or damaged samples "
+            "may leave too few (the log's 'skipped' warnings say which). Check data.train_urls, data.filters, "
+            "data.batch_size and data.num_workers, or use data.resampled=true"
+        )
 
 
 def _timed(iterator, loader: ResumableLoader):
