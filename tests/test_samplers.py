@@ -238,7 +238,7 @@ def test_dpmpp_2m_karras_at_20_steps_beats_ddim_at_50():
 
 
 def test_sigma_max_cap_on_the_cosine_schedule():
-    """The clipped cosine schedule's sigma_{T-1} is ~4000: Heun's first step from there, and Karras sigmas
+    """The clipped cosine schedule's sigma_{T-1} is ~20000: Heun's first step from there, and Karras sigmas
     spread up to there, miss the exact ODE solution; starting at the largest training sigma <= 80 fixes both."""
     diffusion = GaussianDiffusion(schedule="cosine", prediction="v")
     sigmas = np.array(discrete_sigmas(diffusion))  # checked against the closed form in test_diffusion

@@ -15,9 +15,9 @@ was trained on. Karras sigmas (ibid. eq. 5) are rounded to the nearest training 
 few steps fewer than asked. Under a zero-terminal-SNR schedule sigma_{T-1} is infinite; it is taken as
 1 / sqrt(2^-24) ~ 4096, as diffusers does.
 
-``sigma_max`` caps where sampling starts. The cosine schedule's clipped betas put sigma_{T-1} at ~4000 (SD's
+``sigma_max`` caps where sampling starts. The cosine schedule's clipped betas put sigma_{T-1} at ~20000 (SD's
 scaled-linear schedule: 14.6). From there a Heun step to the next grid point extrapolates a slope difference
-over a ~4000-wide interval, and Karras sigmas spend most of their steps above sigma = 100, where the sample is
+over a ~20000-wide interval, and Karras sigmas spend most of their steps above sigma = 100, where the sample is
 still pure noise; both then miss the target badly. Starting at the largest training sigma <= 80 (the EDM
 models' sigma_max) instead changes the start by a signal-to-noise ratio of at most 1/6400.
 """
@@ -40,8 +40,11 @@ Denoise = Callable[[Tensor, int], Tensor]  # (x, index into sigmas) -> D(x, sigm
 
 
 def discrete_sigmas(diffusion: GaussianDiffusion) -> list[float]:
-    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for t = 0 .. T - 1 (ascending)."""
-    return [math.sqrt((1.0 - a) / a) for a in (max(a, MIN_ALPHA_BAR) for a in alphas_cumprod_list(diffusion))]
+    """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for t = 0 .. T - 1 (ascending). Only alpha_bar = 0 (zero
+    terminal SNR, rectified flow at s = 1) is replaced by MIN_ALPHA_BAR; a small positive alpha_bar (the clipped
+    cosine schedule's 2.4e-9 at T - 1) keeps its sigma, the noise level the network is told by its timestep."""
+    alphas_cumprod = (a if a > 0 else MIN_ALPHA_BAR for a in alphas_cumprod_list(diffusion))
+    return [math.sqrt((1.0 - a) / a) for a in alphas_cumprod]
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> list[float]:
