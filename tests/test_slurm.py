@@ -312,23 +312,25 @@ def test_submitit_sweep_jobs_checkpoint_requeue_and_resume(cluster, setup, tmp_p
         text=True,
         env=_job_env(),
     )
+
+    def arrays() -> set[str]:  # the sweep's Slurm job array(s), from submitit's folders <array>_<task>
+        return {p.name.split("_")[0] for p in (sweep / ".submitit").glob("*_*") if p.name[0].isdigit()}
+
     deadline = time.monotonic() + 1200  # a guard against a hung job, not a speed requirement
     signalled = False
     try:
         while time.monotonic() < deadline and launcher.poll() is None:
             logs = [_log(sweep / str(num), 0) for num in (0, 1)]
             if not signalled and all(log and log[-1]["step"] >= 3 for log in logs):
-                jobs = {
-                    p.name.split("_")[0] for p in (sweep / ".submitit").glob("*_*") if p.name[0].isdigit()
-                }
-                assert len(jobs) == 1, jobs  # one array
-                subprocess.run(["scancel", "--signal=USR2", jobs.pop()], check=True)
+                assert len(arrays()) == 1, arrays()
+                subprocess.run(["scancel", "--signal=USR2", *arrays()], check=True)
                 signalled = True
             time.sleep(1)
     finally:
         if launcher.poll() is None:
             launcher.kill()
-            subprocess.run(["scancel", "--name", "tiny"])
+        if (sweep / ".submitit").is_dir() and arrays():  # nothing left running for later tests, pass or fail
+            subprocess.run(["scancel", *arrays()], capture_output=True)
     text = launcher.stdout.read()
     logs = {p: p.read_text() for p in sweep.glob(".submitit/*/*_log.*")}
     print(text[-3000:], *(f"--- {p}\n{t[-3000:]}" for p, t in logs.items()))
