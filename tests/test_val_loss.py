@@ -125,3 +125,59 @@ def test_validation_loss_matches_an_independent_computation(val_run, synthetic_s
         assert _validate(cfg, result["checkpoint"], batch_size)["val/loss"] == pytest.approx(
             expected, rel=1e-4
         )
+
+
+class _RecordLosses(L.Callback):
+    """Every training micro-batch's per-sample loss and timesteps, with the optimizer step it belongs to."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        loss = pl_module.diffusion.loss
+
+        def recorded(*args, **kwargs):
+            out = loss(*args, **kwargs)
+            self.records.append((trainer.global_step, out.per_sample.detach().clone(), out.t.clone()))
+            return out
+
+        pl_module.diffusion.loss = recorded
+
+
+def test_train_loss_by_t_averages_every_sample_since_the_last_log(synthetic_shards, vae_ckpt, tmp_path):
+    """Each logged train_loss_by_t/<bin> is the mean loss of all samples of the optimizer steps since the previous
+    log (here 3 steps × 2 accumulated micro-batches of 8) whose t fell in the bin, computed here from the recorded
+    per-sample losses; bins no sample fell in are absent."""
+    from ldm.training.run import train
+
+    record = _RecordLosses()
+    cfg = compose_train(
+        "experiment=tiny",
+        f"data.train_urls={synthetic_shards[0]}",
+        f"autoencoder_ckpt={vae_ckpt}",
+        "trainer.max_steps=6",
+        "trainer.accumulate_grad_batches=2",
+        "logger=csv",
+        "callbacks.sample_grid=null",
+        "callbacks.model_checkpoint=null",
+        *FAST,
+        "trainer.log_every_n_steps=3",
+        run_dir=str(tmp_path),
+    )
+    train(cfg, extra_callbacks=[record])
+    assert [step for step, *_ in record.records] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    rows = [r for r in _logged(tmp_path) if any(k.startswith("train_loss_by_t/") for k in r)]
+    assert len(rows) == 2
+    for row, steps in zip(rows, ({0, 1, 2}, {3, 4, 5}), strict=True):
+        losses = torch.cat([loss for step, loss, _ in record.records if step in steps]).double()
+        t = torch.cat([t for step, _, t in record.records if step in steps])
+        assert len(losses) == 48
+        expected = {}
+        for b in range(10):
+            inside = (t >= 100 * b) & (t < 100 * (b + 1))
+            if inside.any():
+                expected[f"train_loss_by_t/{100 * b:04d}-{100 * b + 99:04d}"] = losses[inside].mean().item()
+        got = {k: v for k, v in row.items() if k.startswith("train_loss_by_t/")}
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, rel=1e-5), key

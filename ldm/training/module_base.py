@@ -33,6 +33,10 @@ class LDMModuleBase(L.LightningModule):
         self.max_nonfinite_steps: int | None = 10  # set by run.train from the config's max_nonfinite_steps
         self.nonfinite: dict[str, NonFiniteGuard] = {}  # per gradient-norm panel (one per optimizer)
         self.nonfinite_stop: str | None = None  # why the run was stopped, when it was
+        self._loss_bins: Tensor | None = (
+            None  # train_loss_by_t: per-bin loss sums and counts since the last log
+        )
+        self._loss_bins_logged: int | None = None  # the step they were last logged at
 
     def trainable_module(self) -> nn.Module:
         raise NotImplementedError
@@ -116,14 +120,27 @@ class LDMModuleBase(L.LightningModule):
                 self.log(f"data/caption_source/{source}", count / total)
 
     def log_per_timestep_loss(self, per_sample: Tensor, t: Tensor, num_timesteps: int) -> None:
-        """Mean loss in each of NUM_TIMESTEP_BINS timestep bins present in the batch (where the model struggles)."""
+        """Mean loss in each of NUM_TIMESTEP_BINS timestep bins (where the model struggles), over all the samples
+        of the steps since the last logged one (`trainer.log_every_n_steps`) that fell in the bin; a bin none fell
+        in is not logged. The sums stay on the device between logged steps: one host sync per logged step, not
+        one per step, and each point averages log_every_n_steps batches instead of one."""
         bins = (t * NUM_TIMESTEP_BINS // num_timesteps).clamp(max=NUM_TIMESTEP_BINS - 1)
+        step = self.global_step
+        if self._loss_bins is None or (self._loss_bins_logged is not None and step > self._loss_bins_logged):
+            self._loss_bins = torch.zeros(2, NUM_TIMESTEP_BINS, device=per_sample.device)  # sums, counts
+            self._loss_bins_logged = None
+        self._loss_bins[0].index_add_(0, bins, per_sample.detach().float())
+        self._loss_bins[1].index_add_(0, bins, torch.ones_like(per_sample, dtype=torch.float32))
+        if self._trainer is not None and not self.trainer._logger_connector.should_update_logs:
+            return
         width = num_timesteps // NUM_TIMESTEP_BINS
-        for b in bins.unique().tolist():
-            sel = bins == b
-            self.log(
-                f"train_loss_by_t/{b * width:04d}-{(b + 1) * width - 1:04d}", per_sample[sel].mean().detach()
-            )
+        sums, counts = self._loss_bins.tolist()
+        for b, (total, count) in enumerate(zip(sums, counts, strict=True)):
+            if (
+                count
+            ):  # under gradient accumulation every micro-batch of the step logs; the last holds them all
+                self.log(f"train_loss_by_t/{b * width:04d}-{(b + 1) * width - 1:04d}", total / count)
+        self._loss_bins_logged = step
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[BUNDLE_KEY] = {
