@@ -295,6 +295,8 @@ def test_submitit_sweep_jobs_checkpoint_requeue_and_resume(cluster, setup, tmp_p
     Slurm send USR2 before the time limit (here `scancel --signal=USR2`); each job must checkpoint at the step
     boundary, leave the requeue to submitit (same sweep job, same run dir) and resume exactly."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from scripts.plot_run import wandb_records
+
     sweep = tmp_path / "sweep"
     overrides = [o for o in _overrides(setup, sweep) if not o.startswith(("hydra.", "+callbacks.sample_log"))]
     launcher = subprocess.Popen(
@@ -350,6 +352,13 @@ def test_submitit_sweep_jobs_checkpoint_requeue_and_resume(cluster, setup, tmp_p
         assert [line["step"] for line in lines] == list(range(MAX_STEPS))  # steps 4.. once, after the requeue
         assert [line["restart"] for line in lines] == [0] * 4 + [1] * (MAX_STEPS - 4)
         assert [line["keys"] for line in lines] == expected
+        # one W&B run per point, continued by the requeued job (a second offline folder, the same run id), named
+        # apart and grouped by sweep
+        records = [wandb_records(f) for f in sorted(run_dir.glob("wandb/offline-run-*/*.wandb"))]
+        runs = [r.run for recs in records for r in recs if r.WhichOneof("record_type") == "run"]
+        assert len(records) == 2 and len(runs) >= 2
+        assert {(r.display_name, r.run_group) for r in runs} == {(f"tiny-{num}", "tiny-sweep")}
+        assert len({r.run_id for r in runs}) == 1
     job_logs = "\n".join(logs.values())
     assert job_logs.count("the requeue is left to SignalHandler.checkpoint_and_try_requeue") == 2
     assert job_logs.count("resuming from") == 2 and "Requeued job" in job_logs

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -70,7 +72,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
     _check_bucket_sizes(cfg, module)
     _compile(cfg, module, trainer_overrides.get("strategy"))
     datamodule = instantiate(cfg.data)
-    logger = [instantiate(cfg.logger, **_wandb_resume(cfg, run_dir))] if cfg.get("logger") else False
+    logger = [instantiate(cfg.logger, **_wandb_run(cfg, run_dir))] if cfg.get("logger") else False
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks += [ExactResumeCallback(), ConfiguredOptimizer(module.optim_settings), *_speed_callbacks(cfg)]
     callbacks += [preemption, *extra_callbacks]
@@ -260,11 +262,16 @@ def _requeue(preemption: PreemptionCallback) -> None:
         log.error("scontrol requeue %s failed (%d): %s", job, result.returncode, result.stderr.strip())
 
 
-def _wandb_resume(cfg: DictConfig, run_dir: Path) -> dict:
+def _wandb_run(cfg: DictConfig, run_dir: Path) -> dict:
     """One W&B run per run dir: its id is kept in `run_dir/wandb_id.txt`, so a requeued or resumed job logs
-    into the same run. Derived from the Slurm job id under Slurm (the same on every rank), else random."""
-    if not str(cfg.logger.get("_target_", "")).endswith("wandb_logger") or cfg.logger.get("id"):
+    into the same run. Derived from the Slurm job id under Slurm (the same on every rank), else random.
+    In a Hydra sweep (`-m`) each point is named `<name>-<point number>` and the points are grouped by sweep,
+    unless logger.name / logger.group say otherwise."""
+    if not str(cfg.logger.get("_target_", "")).endswith("wandb_logger"):
         return {}
+    settings = _sweep_names(cfg)
+    if cfg.logger.get("id"):
+        return settings
     path = run_dir / "wandb_id.txt"
     if path.is_file():
         run_id = path.read_text().strip()
@@ -276,7 +283,20 @@ def _wandb_resume(cfg: DictConfig, run_dir: Path) -> dict:
         if int(os.environ.get("SLURM_PROCID", os.environ.get("RANK", 0))) == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             path.write_text(run_id + "\n")
-    return {"id": run_id, "resume": "allow"}
+    return {**settings, "id": run_id, "resume": "allow"}
+
+
+def _sweep_names(cfg: DictConfig) -> dict:
+    """W&B name and group of a Hydra sweep point: `<name>-<job num>` in group `<name>-<sweep dir name>`."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return {}
+    hydra = HydraConfig.get()
+    out = {}
+    if cfg.logger.get("name") in (None, cfg.name):
+        out["name"] = f"{cfg.name}-{hydra.job.num}"
+    if cfg.logger.get("group") is None:
+        out["group"] = f"{cfg.name}-{Path(hydra.sweep.dir).name}"
+    return out
 
 
 def build_module(cfg: DictConfig) -> L.LightningModule:
