@@ -54,7 +54,7 @@ class ClipScore(Metric):
     """Mean of 100 · max(cos(image, caption), 0); images uint8 or float in [0, 1], any size.
 
     Images are preprocessed as open_clip's eval transform does for PIL images: shorter side resized to the
-    model's input size (bicubic, antialiased), centre crop, the model's mean/std.
+    model's input size (the model's interpolation, bicubic for most; antialiased), centre crop, the model's mean/std.
     """
 
     is_differentiable = False
@@ -79,6 +79,8 @@ class ClipScore(Metric):
         self.image_size = (size, size) if isinstance(size, int) else tuple(size)
         self.mean, self.std = tuple(pp["mean"]), tuple(pp["std"])
         self.squash = pp.get("resize_mode") == "squash"
+        # open_clip's rule (`image_transform`): "bilinear" (MobileCLIP, PE, …) or else bicubic
+        self.interpolation = "bilinear" if pp.get("interpolation") == "bilinear" else "bicubic"
         self.add_state("score_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
@@ -88,14 +90,19 @@ class ClipScore(Metric):
             "pretrained": self.pretrained,
             "image_size": list(self.image_size),
             "preprocess": ("resize to" if self.squash else "shorter side to")
-            + " the input size (bicubic, antialiased), centre crop, CLIP mean/std",
+            + f" the input size ({self.interpolation}, antialiased), centre crop, CLIP mean/std",
             "score": "mean of 100 * max(cos(image, caption), 0) (Hessel et al. 2021, w = 100)",
         }
 
     def preprocess(self, images: Tensor) -> Tensor:
         x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
         size = list(self.image_size) if self.squash else [min(self.image_size)]  # [n]: the shorter side → n
-        x = TF.resize(x, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        mode = (
+            TF.InterpolationMode.BILINEAR
+            if self.interpolation == "bilinear"
+            else TF.InterpolationMode.BICUBIC
+        )
+        x = TF.resize(x, size, interpolation=mode, antialias=True)
         x = TF.center_crop(x, list(self.image_size)).clamp(0, 1)
         return TF.normalize(x, list(self.mean), list(self.std))
 
