@@ -192,7 +192,8 @@ def test_a_stream_without_one_usable_sample_stops_with_the_reason(tmp_path, num_
     batch is an error too (Lightning would run empty epochs without end). One good shard among bad ones keeps
     a resampled stream going."""
     from ldm.data.filters import SampleFilter
-    from ldm.data.stream import NoUsableSamples, ResumableLoader
+    from ldm.data.loader import ResumableLoader
+    from ldm.data.stream import NoUsableSamples
 
     write_synthetic_shards(tmp_path / "a", num_samples=12, samples_per_shard=4, resolution=32, seed=0)
     too_big = SampleFilter(min_width=4096, size_from_image=True)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from ldm.data.buckets import BucketSpec, BucketTransform, make_buckets, nearest_bucket
-from ldm.data.stream import ResumableLoader
+from ldm.data.loader import ResumableLoader
 from ldm.data.webdataset import image_text_pipeline
 from ldm.models import CrossAttentionUNet
 

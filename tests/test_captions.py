@@ -17,7 +17,7 @@ from PIL import Image
 
 from ldm.data.captions import CaptionMix
 from ldm.data.latents import encode_latents_member, latent_pipeline
-from ldm.data.stream import ResumableLoader
+from ldm.data.loader import ResumableLoader
 from ldm.data.transforms import SampleError
 from ldm.data.webdataset import image_text_pipeline
 

@@ -17,7 +17,7 @@ from PIL import Image
 from ldm.conditioning import FrozenOpenCLIPTextEncoder
 from ldm.data.buckets import make_buckets, nearest_bucket
 from ldm.data.latents import CACHE_INFO, decode_latents_member, encode_latents_member, latent_pipeline
-from ldm.data.stream import ResumableLoader
+from ldm.data.loader import ResumableLoader
 from ldm.data.synthetic import write_synthetic_shards
 from ldm.data.webdataset import image_text_pipeline
 from ldm.inference import load_autoencoder

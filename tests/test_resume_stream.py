@@ -15,7 +15,7 @@ from PIL import Image
 
 from ldm.data.filters import SampleFilter
 from ldm.data.latents import encode_latents_member, latent_pipeline
-from ldm.data.stream import ResumableLoader
+from ldm.data.loader import ResumableLoader
 from ldm.data.synthetic import write_synthetic_shards
 from ldm.data.webdataset import image_text_pipeline
 

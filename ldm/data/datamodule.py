@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 from ldm.data.captions import CaptionMix
 from ldm.data.filters import SampleFilter
 from ldm.data.latents import latent_pipeline, read_cache_info
-from ldm.data.stream import ResumableLoader, ShardStream
+from ldm.data.loader import ResumableLoader
+from ldm.data.stream import ShardStream
 from ldm.data.webdataset import image_text_pipeline
 
 
