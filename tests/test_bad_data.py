@@ -219,3 +219,15 @@ def test_a_stream_without_one_usable_sample_stops_with_the_reason(tmp_path, num_
         islice(DataLoader(image_text_pipeline(str(bad), 32, 4, shuffle_buffer=0), batch_size=None), 6)
     )
     assert len(batches) == 6 and _per_reason(batches).get("tar_error", 0) > 0
+
+
+def test_a_long_shard_list_is_checked_by_sample(tmp_path, monkeypatch):
+    """Start-up looks at no more than CHECKED_SHARDS of the local shards (evenly spaced), not every one."""
+    import ldm.data.stream as stream
+
+    looked = []
+    monkeypatch.setattr(stream.os.path, "isfile", lambda path: looked.append(path) or False)
+    urls = [str(tmp_path / f"{i:05d}.tar") for i in range(2500)]
+    with pytest.raises(FileNotFoundError, match=r"none of the 834 shards checked \(1 in 3 of 2500\) exists"):
+        stream._check_local_shards(urls)
+    assert looked == urls[::3] and len(looked) <= stream.CHECKED_SHARDS

@@ -41,6 +41,9 @@ STATE_VERSION = 1
 BARREN_SHARDS = 64
 
 
+CHECKED_SHARDS = 1000  # local shards whose existence a stream checks at start-up (evenly spaced)
+
+
 class NoUsableSamples(RuntimeError):
     """Shards that yield no usable sample at all: missing, damaged, or everything filtered out."""
 
@@ -275,22 +278,31 @@ class ShardStream(IterableDataset):
 
 def _check_local_shards(urls: Sequence[str]) -> None:
     """A clear error when no local shard exists (a wrong path, or a brace pattern Hydra did not get quoted); a
-    warning when some are missing (each is then skipped as a `tar_error` whenever it comes up)."""
+    warning when some are missing (each is then skipped as a `tar_error` whenever it comes up). At most
+    CHECKED_SHARDS evenly spaced shards are looked at: on a parallel file system every rank's stat of every one
+    of 200k shards would be a start-up metadata storm."""
     local = [u for u in urls if not (u.startswith("pipe:") or "://" in u)]
-    missing = [u for u in local if not os.path.isfile(u)]
+    step = -(-len(local) // CHECKED_SHARDS)  # ceil: every shard up to CHECKED_SHARDS of them
+    checked = local[::step] if local else []
+    missing = [u for u in checked if not os.path.isfile(u)]
     if not missing:
         return
-    if len(missing) == len(urls):
+    which = (
+        f"{len(urls)} shard(s)"
+        if step == 1
+        else f"{len(checked)} shards checked (1 in {step} of {len(urls)})"
+    )
+    if len(missing) == len(checked) and len(local) == len(urls):
         raise FileNotFoundError(
-            f"none of the {len(urls)} shard(s) exists: {missing[0]}"
+            f"none of the {which} exists: {missing[0]}"
             + (f" … {missing[-1]}" if len(missing) > 1 else "")
             + ". Pass a folder of .tar shards, a file, or a brace pattern; quote a brace pattern for Hydra: "
             "data.train_urls='\"/data/laion/{00000..09999}.tar\"'"
         )
     log.warning(
-        "%d of %d shards do not exist (e.g. %s); each is skipped as a tar_error whenever it comes up",
+        "%d of %s do not exist (e.g. %s); each is skipped as a tar_error whenever it comes up",
         len(missing),
-        len(urls),
+        f"{len(urls)} shards" if step == 1 else which,
         missing[0],
     )
 
