@@ -30,7 +30,6 @@ from ldm.data.latents import (
 )
 from ldm.data.transforms import ImageTransform, SampleError, decode_caption
 from ldm.data.webdataset import ImageDecoder, SkipCounter, TarSamples, expand_urls
-from ldm.utils.checkpoint import load_bundle, submodule_state
 
 
 def cache_info(
@@ -40,10 +39,10 @@ def cache_info(
     crop: str,
     text_encoder: FrozenOpenCLIPTextEncoder | None,
     urls: str | Sequence[str],
-    autoencoder: torch.nn.Module | None = None,
+    autoencoder: torch.nn.Module,
 ) -> dict:
     """What a cache was made from; training compares the autoencoder (architecture and encoder weights) and text
-    encoder with its own. `autoencoder` is the one loaded from `autoencoder_ckpt` (read from the file when None).
+    encoder with its own. `autoencoder` is the one loaded from `autoencoder_ckpt`.
     The image settings (resolution, crop, buckets) are entered by `cache_latents` as it applies them."""
     text = None
     if text_encoder is not None:
@@ -53,16 +52,11 @@ def cache_info(
                 "caching text encodings needs a pretrained text encoder: a randomly initialised one is drawn anew "
                 "by every run, so its cached encodings would not match the model that samples (cache latents only)"
             )
-    if autoencoder is None:
-        _, ckpt = load_bundle(autoencoder_ckpt)
-        state = submodule_state(ckpt["state_dict"], "autoencoder")
-    else:
-        state = autoencoder.state_dict()
     return {
         "format_version": 1,
         "autoencoder_checkpoint": str(Path(autoencoder_ckpt).resolve()),
         "autoencoder": bundle["config"]["autoencoder"],
-        "encoder_sha256": encoder_digest(state),
+        "encoder_sha256": encoder_digest(autoencoder.state_dict()),
         "resolution": int(resolution),
         "crop": crop,
         "buckets": None,
