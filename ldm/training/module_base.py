@@ -33,10 +33,9 @@ class LDMModuleBase(L.LightningModule):
         self.max_nonfinite_steps: int | None = 10  # set by run.train from the config's max_nonfinite_steps
         self.nonfinite: dict[str, NonFiniteGuard] = {}  # per gradient-norm panel (one per optimizer)
         self.nonfinite_stop: str | None = None  # why the run was stopped, when it was
-        self._loss_bins: Tensor | None = (
-            None  # train_loss_by_t: per-bin loss sums and counts since the last log
-        )
-        self._loss_bins_logged: int | None = None  # the step they were last logged at
+        # train_loss_by_t: per-bin loss sums and counts since the last log, and the step they were last logged at
+        self._loss_bins: Tensor | None = None
+        self._loss_bins_logged: int | None = None
 
     def trainable_module(self) -> nn.Module:
         raise NotImplementedError
@@ -134,11 +133,10 @@ class LDMModuleBase(L.LightningModule):
         if self._trainer is not None and not self.trainer._logger_connector.should_update_logs:
             return
         width = num_timesteps // NUM_TIMESTEP_BINS
+        # under gradient accumulation every micro-batch of the logged step logs; the last one holds them all
         sums, counts = self._loss_bins.tolist()
         for b, (total, count) in enumerate(zip(sums, counts, strict=True)):
-            if (
-                count
-            ):  # under gradient accumulation every micro-batch of the step logs; the last holds them all
+            if count:
                 self.log(f"train_loss_by_t/{b * width:04d}-{(b + 1) * width - 1:04d}", total / count)
         self._loss_bins_logged = step
 
