@@ -133,7 +133,10 @@ class PreemptionCallback(L.Callback):
         self.received = signum
 
     def handed_over(self):
-        """The Python handler the received signal had before this callback's (None for Slurm's default)."""
+        """For a signal other than USR1 (submitit's), the Python handler it had before this callback's; else None:
+        `run.train` then requeues itself."""
+        if self.received == signal.SIGUSR1:
+            return None
         previous = self._previous.get(self.received)
         return previous if callable(previous) else None
 
