@@ -210,9 +210,12 @@ def test_wandb_offline_run_is_written(ldm_run):
     assert list(runs[0].glob("*.wandb"))  # the run's event log (scalars, images, config)
 
 
-def test_resume_continues_from_the_checkpoint(ldm_run, tmp_path):
+def test_resume_continues_from_the_checkpoint(ldm_run, tmp_path, monkeypatch):
+    from ldm.training import run
     from ldm.training.run import train
 
+    read = []  # what the run reads through load_bundle: the stage-1 checkpoint once (it can be GBs)
+    monkeypatch.setattr(run, "load_bundle", lambda path, *a: read.append(str(path)) or load_bundle(path, *a))
     result, cfg = ldm_run
     before = torch.load(result["checkpoint"], weights_only=True)
     resumed_cfg = cfg.copy()
@@ -222,6 +225,7 @@ def test_resume_continues_from_the_checkpoint(ldm_run, tmp_path):
     resumed = train(resumed_cfg)
     after = torch.load(resumed["checkpoint"], weights_only=True)
     assert resumed["global_step"] == 6
+    assert read.count(str(cfg.autoencoder_ckpt)) == 1
     assert int(after["state_dict"]["ema.num_updates"]) == 6  # EMA state came back too
     assert after["ldm"]["latent_scale"] == before["ldm"]["latent_scale"]  # not re-measured
     step_before = before["optimizer_states"][0]["state"][0]["step"]

@@ -60,13 +60,14 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
     run_dir = Path(cfg.run_dir)
 
     init = _init_checkpoint(cfg)
+    stage1 = None
     if stage == "diffusion":
-        _adopt_autoencoder_config(cfg)
+        stage1 = _adopt_autoencoder_config(cfg)
     else:
         _cache_info(cfg)  # refuses cached latents as stage-1 data
     trainer_overrides, plugins = cluster_settings(cfg)
     trainer_overrides.update(sharding_strategy(cfg, stage))
-    module = build_module(cfg)
+    module = build_module(cfg, stage1)
     if init is not None:
         load_init_weights(module, init, cfg.init_from)
     _check_bucket_sizes(cfg, module)
@@ -299,7 +300,9 @@ def _sweep_names(cfg: DictConfig) -> dict:
     return out
 
 
-def build_module(cfg: DictConfig) -> L.LightningModule:
+def build_module(cfg: DictConfig, stage1: tuple[dict, dict] | None = None) -> L.LightningModule:
+    """The stage's LightningModule. Stage 2 loads the autoencoder weights from `cfg.autoencoder_ckpt`, or takes
+    them from `stage1` (what `_adopt_autoencoder_config` returned: the file is read once)."""
     make_module = instantiate(cfg.stage)  # a partial of the stage's LightningModule
     optim = instantiate(cfg.optim)
     plain = to_plain(cfg)
@@ -309,8 +312,8 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
     _check_cached_text_encoder(cfg, parts["text_encoder"])
     codec = LatentCodec(build_autoencoder(cfg), scale=cfg.get("latent_scale"))
     if cfg.autoencoder_ckpt:
-        bundle, ckpt = load_bundle(cfg.autoencoder_ckpt)
-        codec.autoencoder.load_state_dict(submodule_state(ckpt["state_dict"], "autoencoder"))
+        bundle, weights = stage1 or _stage1_weights(cfg.autoencoder_ckpt)
+        codec.autoencoder.load_state_dict(weights)
         if cfg.get("latent_scale") is None and bundle.get("latent_scale") is not None:
             codec.scale.fill_(bundle["latent_scale"])
             codec.shift.fill_(bundle.get("latent_shift", 0.0))
@@ -329,9 +332,16 @@ def stage_of(cfg: DictConfig) -> str:
     return import_target(cfg.stage._target_).stage
 
 
-def _adopt_autoencoder_config(cfg: DictConfig) -> None:
+def _stage1_weights(path: str) -> tuple[dict, dict]:
+    """(self-description, autoencoder state dict) of a stage-1 checkpoint."""
+    bundle, ckpt = load_bundle(path)
+    return bundle, submodule_state(ckpt["state_dict"], "autoencoder")
+
+
+def _adopt_autoencoder_config(cfg: DictConfig) -> tuple[dict, dict]:
     """Stage 2 encodes with a trained stage-1 autoencoder: its architecture comes from that checkpoint. With cached
-    latents, the checkpoint and resolution default to the cache's, and must match it."""
+    latents, the checkpoint and resolution default to the cache's, and must match it. Returns what
+    `_stage1_weights` read, for `build_module`."""
     cache = _cache_info(cfg)
     with open_dict(cfg):
         if cache is not None:
@@ -342,7 +352,7 @@ def _adopt_autoencoder_config(cfg: DictConfig) -> None:
             "stage 2 (diffusion) needs a trained autoencoder: set autoencoder_ckpt=path/to/stage1/last.ckpt "
             "(train one with `python train.py experiment=vae_tiny` or `experiment=vae_laion_256`)"
         )
-    bundle, ckpt = load_bundle(cfg.autoencoder_ckpt)
+    bundle, weights = _stage1_weights(cfg.autoencoder_ckpt)
     if bundle.get("stage") != "autoencoder":
         raise ValueError(
             f"autoencoder_ckpt={cfg.autoencoder_ckpt} is a '{bundle.get('stage')}' checkpoint, not stage 1"
@@ -355,7 +365,7 @@ def _adopt_autoencoder_config(cfg: DictConfig) -> None:
                 f"autoencoder_ckpt={cfg.autoencoder_ckpt} (architectures differ)"
             )
         if info.get("encoder_sha256") is not None:  # caches written before it was recorded are not checked
-            encoder = encoder or encoder_digest(submodule_state(ckpt["state_dict"], "autoencoder"))
+            encoder = encoder or encoder_digest(weights)
             if info["encoder_sha256"] != encoder:
                 raise ValueError(
                     f"the cached latents in {urls} were encoded by other encoder weights than those of "
@@ -382,6 +392,7 @@ def _adopt_autoencoder_config(cfg: DictConfig) -> None:
         raise ValueError(
             "data.resolution is not set and the cached shards have no cache_info.json to take it from"
         )
+    return bundle, weights
 
 
 def _cache_info(cfg: DictConfig) -> dict | None:
