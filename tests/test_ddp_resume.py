@@ -41,7 +41,9 @@ def setup(tmp_path_factory):
     return str(shards), train(cfg)["checkpoint"]
 
 
-def _command(setup, run_dir: Path, hold_at: int | None = None, strategy: str = "ddp") -> list[str]:
+def _command(
+    setup, run_dir: Path, hold_at: int | None = None, strategy: str = "ddp", every: int = 1000
+) -> list[str]:
     shards, vae = setup
     hold = f"+callbacks.hold={{_target_: tests.callbacks.HoldForPreemption, step: {hold_at}}}"
     return [
@@ -68,7 +70,7 @@ def _command(setup, run_dir: Path, hold_at: int | None = None, strategy: str = "
                 "sampler.num_steps=2",
             ]
         ),
-        "callbacks.model_checkpoint.every_n_train_steps=1000",
+        f"callbacks.model_checkpoint.every_n_train_steps={every}",
         # post-hoc EMA: its averages resume with the rest (sharded under FSDP), snapshots every 4 steps
         "stage.posthoc_ema=[0.05,0.1]",
         "callbacks.posthoc_ema.every_n_steps=4",
@@ -92,9 +94,9 @@ def _log(run_dir: Path, rank: int) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def _run(setup, run_dir: Path, strategy: str = "ddp") -> subprocess.CompletedProcess:
+def _run(setup, run_dir: Path, strategy: str = "ddp", every: int = 1000) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        _command(setup, run_dir, strategy=strategy),
+        _command(setup, run_dir, strategy=strategy, every=every),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -242,6 +244,52 @@ def test_preempted_ddp_run_resumes_exactly(setup, reference, tmp_path):
     run_id = (run / "wandb_id.txt").read_text().strip()
     dirs = sorted((run / "wandb").glob("offline-run-*"))
     assert len(dirs) == 2 and all(d.name.endswith(run_id) for d in dirs)
+
+
+def test_a_killed_run_rerun_resumes_from_its_newest_checkpoint(setup, reference, tmp_path):
+    """SIGKILL to every process of the run (a node failure or the out-of-memory killer: no chance to save
+    anything) during step 6, with full checkpoints every 2 steps. The same command in the same run dir (what a
+    requeued Slurm job runs) resumes from the newest checkpoint there: step 4, not the older hpc_ckpt that an
+    earlier preemption left at step 2 (stood in for by the step-2 checkpoint), nor step 0. It then trains on
+    exactly the reference's samples and ends bit-identical to it."""
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _command(setup, run, hold_at=6, every=2),  # held after step 6: the kill lands before its checkpoint
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+        start_new_session=True,  # its own process group: both ranks and their loader workers
+    )
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        if all(
+            (log := _log(run, r)) and log[-1]["step"] >= 5 for r in (0, 1)
+        ):  # step 4's checkpoint is written
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    saved = {
+        p.name: torch.load(p, weights_only=True, mmap=True)["global_step"] for p in run.glob("**/*.ckpt")
+    }
+    assert saved == {"step_0000002.ckpt": 2, "step_0000004.ckpt": 4, "last.ckpt": 4}
+    (run / "checkpoints" / "step_0000002.ckpt").rename(run / "hpc_ckpt_1.ckpt")
+
+    second = _run(setup, run, every=2)
+    assert "(step 4: the newest checkpoint in the run dir)" in second.stderr + second.stdout
+    for rank in (0, 1):
+        expected, lines = _steps(reference, rank), _log(run, rank)
+        resumed = [line for line in lines if line["pid"] == lines[-1]["pid"]]
+        assert [line["step"] for line in resumed] == list(range(4, MAX_STEPS))
+        assert {line["step"]: line["keys"] for line in lines} == expected  # the killed run's steps 4-5 again
+    a = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    b = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert a["global_step"] == b["global_step"] == MAX_STEPS
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_preempted_fsdp_run_resumes_and_matches_ddp(setup, reference, tmp_path):

@@ -165,6 +165,44 @@ def test_bundle_errors_and_submodule_state(tmp_path):
     assert submodule_state(state, "ema.module") == {"w": torch.zeros(1)}
 
 
+def test_a_cut_short_checkpoint_is_named_in_the_error(tmp_path):
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"state_dict": {"w": torch.randn(1000)}, "global_step": 7}, whole)
+    data = whole.read_bytes()
+    for cut in (len(data) // 2, 0):  # a copy cut short; an empty file
+        damaged = tmp_path / f"cut_{cut}.ckpt"
+        damaged.write_bytes(data[:cut])
+        for load in (load_checkpoint, AtomicCheckpointIO().load_checkpoint):
+            with pytest.raises(ValueError, match=f"cannot read checkpoint {damaged} \\({cut:,} bytes\\)"):
+                load(damaged)
+
+
+def test_a_rerun_resumes_from_the_newest_full_checkpoint_of_its_run_dir(tmp_path, caplog):
+    """What a requeued job resumes from: the checkpoint of the latest step, wherever it lies in the run dir;
+    weights-only and unreadable files are passed over."""
+    from ldm.training.run import _newest_checkpoint
+    from ldm.utils.checkpoint import BUNDLE_KEY, CONTENTS_KEY, WEIGHTS_ONLY
+
+    run = tmp_path / "run"
+    assert _newest_checkpoint(run) is None  # a new run dir
+    atomic_save({"global_step": 1000}, run / "hpc_ckpt_1.ckpt")  # preempted at 1000, requeued ...
+    atomic_save({"global_step": 20000}, run / "checkpoints" / "step_0020000.ckpt")  # ... then killed
+    atomic_save({"global_step": 20000}, run / "checkpoints" / "last.ckpt")
+    assert _newest_checkpoint(run)[1] == 20000
+    atomic_save(
+        {"global_step": 25000, BUNDLE_KEY: {CONTENTS_KEY: WEIGHTS_ONLY}}, run / "checkpoints" / "w.ckpt"
+    )
+    (run / "hpc_ckpt_2.ckpt").write_bytes(b"")  # written by something else than ldm, and cut short
+    path, step = _newest_checkpoint(run)
+    assert step == 20000 and path.parent == run / "checkpoints"
+    assert "not resuming from" in caplog.text and "hpc_ckpt_2.ckpt" in caplog.text
+    atomic_save({"global_step": 30000}, run / "checkpoints" / "step_0030000.ckpt")
+    assert _newest_checkpoint(run) == (run / "checkpoints" / "step_0030000.ckpt", 30000)
+    atomic_save({"global_step": 30000}, run / "hpc_ckpt_3.ckpt")  # preempted there: last.ckpt follows it
+    atomic_save({"global_step": 30000}, run / "checkpoints" / "last.ckpt")
+    assert _newest_checkpoint(run) == (run / "hpc_ckpt_3.ckpt", 30000)
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_checkpoint_files_get_the_permissions_of_any_new_file(tmp_path, umask):
     """A lab shares its runs: checkpoints and safetensors files are readable as the umask allows, not owner-only

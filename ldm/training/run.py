@@ -59,7 +59,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
     set_tf32(cfg.get("tf32", True))  # TF32 matmuls and convolutions on Ampere+; no effect on CPU
     run_dir = Path(cfg.run_dir)
 
-    init = _init_checkpoint(cfg)
+    ckpt_path = _resume_checkpoint(cfg)
+    init = _init_checkpoint(cfg, resuming=ckpt_path is not None)
     stage1 = None
     if stage == "diffusion":
         stage1 = _adopt_autoencoder_config(cfg)
@@ -96,7 +97,6 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict:
     scale = scale_lr(cfg, module, trainer)
     if logger and trainer.is_global_zero:
         logger[0].log_hyperparams({**to_plain(cfg), "derived": scale})
-    ckpt_path = cfg.ckpt_path or _hpc_checkpoint(run_dir)
     _check_resumable(ckpt_path)
     log.info("stage %s: run dir %s; %s", stage, run_dir, scale)
     try:
@@ -166,11 +166,11 @@ def _compile(cfg: DictConfig, module: L.LightningModule, strategy=None) -> None:
         module.codec.autoencoder.encoder.compile()
 
 
-def _init_checkpoint(cfg: DictConfig) -> dict | None:
+def _init_checkpoint(cfg: DictConfig, resuming: bool = False) -> dict | None:
     """`init_from=<checkpoint>` (progressive resolution: a 256-px run continued at 512): the checkpoint whose
     weights the run starts from, unlike `ckpt_path` without its optimizer, step counter or data position. Its
     stage must be this run's; a stage-2 run without `autoencoder_ckpt` takes the one the checkpoint used. None
-    when the run resumes (`ckpt_path`, or a preempted run's checkpoint): the resumed state has the weights."""
+    when the run resumes (`ckpt_path`, or a checkpoint in its run dir): the resumed state has the weights."""
     if not cfg.get("init_from"):
         return None
     bundle, ckpt = load_bundle(cfg.init_from)
@@ -181,9 +181,7 @@ def _init_checkpoint(cfg: DictConfig) -> dict | None:
     if bundle["stage"] == "diffusion" and not cfg.get("autoencoder_ckpt"):
         with open_dict(cfg):
             cfg.autoencoder_ckpt = bundle["config"].get("autoencoder_ckpt")
-    if cfg.get("ckpt_path") or _hpc_checkpoint(Path(cfg.run_dir)):
-        return None
-    return ckpt
+    return None if resuming else ckpt
 
 
 def _check_resumable(path: str | None) -> None:
@@ -235,12 +233,40 @@ def _check_bucket_sizes(cfg: DictConfig, module: L.LightningModule) -> None:
         )
 
 
-def _hpc_checkpoint(run_dir: Path) -> str | None:
-    """The newest checkpoint a preempted run left in `run_dir` (Lightning's `hpc_ckpt_<n>.ckpt`), if any."""
-    found = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-    if found:
-        log.info("resuming from %s (left by a preempted run)", found[-1])
-    return str(found[-1]) if found else None
+def _resume_checkpoint(cfg: DictConfig) -> str | None:
+    """What the run resumes from: `ckpt_path`, else the newest full checkpoint in its run dir, else None."""
+    if cfg.get("ckpt_path"):
+        return cfg.ckpt_path
+    found = _newest_checkpoint(Path(cfg.run_dir))
+    return None if found is None else str(found[0])
+
+
+def _newest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
+    """(path, step) of the full checkpoint of the latest training step in `run_dir`: among the `hpc_ckpt_<n>.ckpt`
+    a preempted run left and the periodic ones in `checkpoints/`, which are all a run killed without warning (node
+    failure, out-of-memory kill, `scancel`) leaves. A requeued job, or the same command rerun in the same run dir,
+    resumes from it. Weights-only checkpoints and unreadable files are passed over; only the step counter is read
+    (memory-mapped)."""
+    newest = None
+    for path in [*run_dir.glob("hpc_ckpt_*.ckpt"), *(run_dir / "checkpoints").glob("*.ckpt")]:
+        if not path.is_file():
+            continue
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # noqa: BLE001 - a damaged file must not keep the run from the others
+            log.warning("not resuming from %s: it cannot be read (%s)", path, err)
+            continue
+        if (ckpt.get(BUNDLE_KEY) or {}).get(CONTENTS_KEY) == WEIGHTS_ONLY or "global_step" not in ckpt:
+            continue
+        # of one step, the preemption's own (ModelCheckpoint writes last.ckpt as the preempted run stops), then the later
+        key = (int(ckpt["global_step"]), path.name.startswith("hpc_ckpt_"), path.stat().st_mtime)
+        if newest is None or key > newest[0]:
+            newest = key, path
+    if newest is None:
+        return None
+    (step, *_), path = newest
+    log.info("resuming from %s (step %d: the newest checkpoint in the run dir)", path, step)
+    return path, step
 
 
 def _requeue(preemption: PreemptionCallback) -> None:

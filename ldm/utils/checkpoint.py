@@ -77,7 +77,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError) as err:  # torch names neither the file nor the likely cause
+        raise ValueError(
+            f"cannot read checkpoint {path} ({path.stat().st_size:,} bytes): {err or type(err).__name__}. "
+            "ldm writes checkpoints atomically, so a damaged one was cut short when copied or downloaded: "
+            "copy it again, or use another checkpoint of the run"
+        ) from err
 
 
 def load_bundle(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[dict, dict]:
