@@ -9,10 +9,12 @@ What is sharded: each UNet block (`CrossAttentionUNet.blocks()`, the unit of all
 the UNet itself for the parameters outside the blocks, and the EMA copy the same way, so the EMA update is a
 local operation on each rank's shard. The frozen text encoder and autoencoder stay whole on every rank.
 
-Checkpoints: by default one file, gathered on rank 0, in the same format as a DDP run's (sample.py, eval and
-`init_from` read it; a run can switch between DDP and FSDP on resume). `save_distributed_checkpoint: true` has each
-rank write its shard into a folder instead (torch.distributed.checkpoint), for models whose full state does not fit
-one host's memory.
+Checkpoints: one file, gathered on rank 0 (host memory, shard by shard), in the same format as a DDP run's:
+sample.py, eval, export and `init_from` read it, and a run can switch between DDP and FSDP on resume. Lightning's
+folders of per-rank shards (torch.distributed.checkpoint) are not offered: no other tool of ldm reads them, and
+resuming from one skipped what a checkpoint leaves out on purpose (a pretrained text encoder; post-hoc EMA switched
+on or off). The full state of an SD2-size UNet run is ~14 GB, of an SDXL-size one ~42 GB: a GPU node's memory holds
+either.
 
 Works on CPU too (gloo), which is how the tests run it; Lightning's own `FSDPStrategy` (FSDP1) refuses a CPU."""
 
@@ -43,7 +45,6 @@ class UNetFSDPStrategy(ModelParallelStrategy):
     cpu_offload: keep the sharded parameters, gradients and optimizer state in host memory (slow; for models that
         do not fit even sharded).
     hybrid: shard within each node and replicate across nodes (HSDP): all-gathers stay on the node's fast links.
-    save_distributed_checkpoint: false: one full checkpoint file, written by rank 0; true: a folder of shards.
     """
 
     def __init__(
@@ -53,7 +54,6 @@ class UNetFSDPStrategy(ModelParallelStrategy):
         reduce_dtype: str | None = None,
         cpu_offload: bool = False,
         hybrid: bool = False,
-        save_distributed_checkpoint: bool = False,
         process_group_backend: str | None = None,
         timeout_minutes: float = 30.0,
     ) -> None:
@@ -63,7 +63,7 @@ class UNetFSDPStrategy(ModelParallelStrategy):
         super().__init__(
             data_parallel_size="auto",
             tensor_parallel_size=1,
-            save_distributed_checkpoint=save_distributed_checkpoint,
+            save_distributed_checkpoint=False,  # one file, in the DDP format (see the module's docstring)
             process_group_backend=process_group_backend,
             timeout=timedelta(minutes=timeout_minutes),
         )
@@ -129,8 +129,6 @@ class UNetFSDPStrategy(ModelParallelStrategy):
         from lightning.pytorch.core.optimizer import LightningOptimizer
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        if self._save_distributed_checkpoint:
-            return super().optimizer_state(optimizer)
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer._optimizer
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -154,7 +152,7 @@ class UNetFSDPStrategy(ModelParallelStrategy):
 
         path = Path(self.broadcast(str(checkpoint_path)))
         if path.is_dir():
-            return super().load_checkpoint(path, weights_only=weights_only)
+            raise ValueError(f"{path} is a folder: ldm resumes from checkpoint files (checkpoints/*.ckpt)")
         checkpoint = self.checkpoint_io.load_checkpoint(path)
         module = self.lightning_module
         state = checkpoint["state_dict"]
