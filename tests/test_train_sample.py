@@ -92,6 +92,33 @@ def test_stage1_writes_a_self_describing_checkpoint(vae_run):
     assert bundle["latent_shift"] == 0.0
 
 
+def test_stage1_measures_the_latent_scale_as_stage_2_encodes(shards, tmp_path):
+    """The scale a stage-1 run stores is measured with the autoencoder in eval mode (dropout off), as stage 2 and
+    scripts/latent_stats.py encode: here with dropout 0.5, which would shift it if left on."""
+    from ldm.inference import load_autoencoder
+    from ldm.latent_stats import image_batches, measure_latent_stats
+    from ldm.training.run import train
+
+    cfg = compose_train(
+        "experiment=vae_tiny",
+        f"data.train_urls={shards[0]}",
+        f"data.val_urls={shards[1][0]}",
+        "trainer.max_steps=1",
+        "autoencoder.dropout=0.5",
+        "stage.latent_stats_samples=16",
+        "callbacks.reconstruction_grid=null",
+        *FAST,
+        run_dir=str(tmp_path),
+    )
+    result = train(cfg)
+    bundle = load_bundle(result["checkpoint"])[0]
+    autoencoder, _ = load_autoencoder(result["checkpoint"])
+    assert not autoencoder.training
+    batches = image_batches(shards[1][0], cfg.data.resolution, cfg.data.batch_size, seed=0)
+    stats = measure_latent_stats(autoencoder.encode, batches, 16, generator=torch.Generator().manual_seed(0))
+    assert bundle["latent_stats"]["std"] == pytest.approx(stats.std, rel=1e-6)
+
+
 def test_stage1_resumes_both_optimizers(vae_run, tmp_path):
     from ldm.training.run import train
 
@@ -367,6 +394,7 @@ def test_sample_cli_writes_grid_and_png_metadata(ldm_run, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"grid written to {out / 'grid.png'}" in proc.stdout
+    assert f"{result['checkpoint']}: EMA UNet weights" in proc.stdout
     images = sorted((out / "images").glob("*.png"))
     assert len(images) == 4
     meta = read_png_metadata(images[1])

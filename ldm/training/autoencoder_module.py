@@ -77,6 +77,8 @@ class AutoencoderModule(LDMModuleBase):
         skipped = self._clip_and_step(optimizers[0], self.autoencoder, "train/grad_norm")
 
         if self.loss.discriminator_active(step):
+            # the fakes are this batch's reconstructions from before the autoencoder's step (detached), as in most
+            # GAN training; CompVis re-encodes the batch for D (a second forward) and sgm alternates the two
             d = self.loss.discriminator_loss(x, out.reconstruction, step)
             opt_d = optimizers[1]
             opt_d.zero_grad(set_to_none=True)  # also drops what the generator loss left on D
@@ -156,12 +158,15 @@ class AutoencoderModule(LDMModuleBase):
         rng = rng_state()
         batches = image_batches(urls, data.resolution, data.batch_size, device=self.device, seed=0)
         generator = torch.Generator(self.device).manual_seed(0)
+        training = self.autoencoder.training
+        self.autoencoder.eval()  # as stage 2 and scripts/latent_stats.py encode: no dropout
         try:
             stats = measure_latent_stats(
                 self.autoencoder.encode, batches, self.latent_stats_samples, generator=generator
             )
         finally:
             set_rng_state(rng)
+            self.autoencoder.train(training)
         self.latent_description = latent_description(stats)
         log.info(
             f"latent statistics over {stats.num_samples} images: std {stats.std:.4f} → latent scale "
