@@ -43,7 +43,8 @@ def _sample(cfg: DictConfig, ckpt: str, device: str, out_dir: str, batch: dict |
     from ldm.sampling import generate, late_start_warning, prepare_job, write_samples
     from ldm.utils.images import save_png, to_pil
 
-    pipe, _ = TextToImage.from_checkpoint(ckpt, use_ema=cfg.use_ema, device=device)
+    pipe, bundle = TextToImage.from_checkpoint(ckpt, use_ema=cfg.use_ema, device=device)
+    print(f"{ckpt}: {_weights_used(bundle, cfg.use_ema)}")
     if cfg.guide_ckpt:
         pipe.load_guide(cfg.guide_ckpt)
     sampler = instantiate(cfg.sampler)
@@ -92,6 +93,8 @@ def _sample(cfg: DictConfig, ckpt: str, device: str, out_dir: str, batch: dict |
         "use_ema": cfg.use_ema,
         "guide_ckpt": cfg.guide_ckpt,
     }
+    if "posthoc_ema" in bundle:
+        extra["posthoc_ema_sigma_rel"] = bundle["posthoc_ema"]["sigma_rel"]
     grid = write_samples(
         pipe,
         job,
@@ -109,6 +112,16 @@ def _sample(cfg: DictConfig, ckpt: str, device: str, out_dir: str, batch: dict |
         extra_metadata=extra,
     )
     print(f"grid written to {grid}")
+
+
+def _weights_used(bundle: dict, use_ema: bool) -> str:
+    """Which UNet weights sampling uses, in words."""
+    if not use_ema:
+        return "raw (non-EMA) UNet weights"
+    if "posthoc_ema" in bundle:
+        made = bundle["posthoc_ema"]
+        return f"post-hoc EMA UNet weights (sigma_rel {made['sigma_rel']:g}, step {made['step']})"
+    return "EMA UNet weights"
 
 
 if __name__ == "__main__":

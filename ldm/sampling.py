@@ -186,7 +186,9 @@ def write_samples(
     """One PNG per image, a `grid_cols`-wide grid per prompt (`grids/NNN.png`, 2×2 by default, its row's seeds
     and the prompt under each row) and an overview `grid.png` (a row per prompt); returns the overview's path.
 
-    Image j of every prompt uses seed `job.seed + j`, so a prompt's images do not depend on the other prompts.
+    Image j of every prompt starts from the noise of seed `job.seed + j`, whatever the other prompts; the step noise
+    of stochastic samplers comes from one generator per batch (seeded by its first seed), so with those an image
+    depends on its batch, which the metadata records.
     Each PNG's metadata holds the settings and the batch it was sampled in, from which `reproduce` rebuilds it.
     """
     out_dir = Path(out_dir)

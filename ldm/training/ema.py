@@ -59,8 +59,9 @@ class _Averages(nn.Module):
 class EMA(_Averages):
     """Keeps `module`, an averaged copy of a model, updated with `update(model)` after each optimizer step.
 
-    With `warmup` the decay grows as min(decay, (1 + n) / (10 + n)) (the schedule of CompVis' LitEma and
-    TF's ExponentialMovingAverage with num_updates), so short runs are not dominated by the random init.
+    With `warmup` the decay grows as min(decay, (1 + n) / (10 + n)), n the updates before this one (TF's
+    ExponentialMovingAverage with num_updates; CompVis' LitEma counts this one too, one update further on), so
+    short runs are not dominated by the random init.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True) -> None:
