@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -106,6 +107,12 @@ def main() -> None:
         out / "samples",
     )
     vae_ckpt = vae_dir / "checkpoints" / "last.ckpt"
+    # a run dir with checkpoints resumes from them (and one at max_steps trains no further): each quickstart starts
+    # its stages anew, as the data above was written anew
+    for previous in (vae_dir, cache_dir, val_cache_dir, ldm_dir, sample_dir):
+        if previous.exists():
+            print(f"=== removing the previous quickstart's {previous}", flush=True)
+            shutil.rmtree(previous)
     vae = [
         py,
         "train.py",

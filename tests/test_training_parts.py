@@ -202,6 +202,18 @@ def test_a_rerun_resumes_from_the_newest_full_checkpoint_of_its_run_dir(tmp_path
     atomic_save({"global_step": 30000}, run / "checkpoints" / "last.ckpt")
     assert _newest_checkpoint(run) == (run / "hpc_ckpt_3.ckpt", 30000)
 
+    from omegaconf import OmegaConf
+
+    from ldm.training.run import _resume_checkpoint
+
+    cfg = OmegaConf.create({"run_dir": str(run), "ckpt_path": None, "trainer": {"max_steps": 40000}})
+    assert _resume_checkpoint(cfg) == str(run / "hpc_ckpt_3.ckpt") and "nothing is left" not in caplog.text
+    cfg.trainer.max_steps = 30000  # the same command after the run ended: it says why nothing happens
+    assert _resume_checkpoint(cfg) == str(run / "hpc_ckpt_3.ckpt")
+    assert "already reached trainer.max_steps=30000 (step 30000): nothing is left to train" in caplog.text
+    cfg.ckpt_path = str(run / "checkpoints" / "step_0020000.ckpt")  # given: taken as it is
+    assert _resume_checkpoint(cfg) == cfg.ckpt_path
+
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_checkpoint_files_get_the_permissions_of_any_new_file(tmp_path, umask):

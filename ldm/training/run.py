@@ -238,7 +238,19 @@ def _resume_checkpoint(cfg: DictConfig) -> str | None:
     if cfg.get("ckpt_path"):
         return cfg.ckpt_path
     found = _newest_checkpoint(Path(cfg.run_dir))
-    return None if found is None else str(found[0])
+    if found is None:
+        return None
+    path, step = found
+    max_steps = cfg.trainer.get("max_steps") or -1
+    if 0 < max_steps <= step:
+        log.warning(
+            "the run in %s already reached trainer.max_steps=%d (step %d): nothing is left to train. Raise "
+            "trainer.max_steps to go on, or start anew in another run dir (hydra.run.dir=...)",
+            cfg.run_dir,
+            max_steps,
+            step,
+        )
+    return str(path)
 
 
 def _newest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
