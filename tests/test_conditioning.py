@@ -123,3 +123,40 @@ def test_missing_pretrained_weights_name_the_file(monkeypatch, tmp_path):
 def test_unknown_tag_lists_known_tags():
     with pytest.raises(MissingWeightsError, match="laion2b_s34b_b79k"):
         FrozenOpenCLIPTextEncoder("ViT-B-32", pretrained="no-such-tag")
+
+
+def test_a_context_length_other_than_the_tower_s_is_refused():
+    """The tower's position embeddings and causal mask are built for its own length; another one used to fail
+    only at the first prompt, with a shape error."""
+    with pytest.raises(ValueError, match="32 tokens"):
+        FrozenOpenCLIPTextEncoder("ldm-tiny-text", pretrained=None, context_length=16)
+    same = FrozenOpenCLIPTextEncoder("ldm-tiny-text", pretrained=None, context_length=32)
+    assert same(["a cat"]).tokens.shape[1] == 32
+
+
+def test_the_mask_covers_start_text_and_end_tokens(encoder):
+    """Against the tokenizer's own BPE count. Padding is id 0, which is also a real token ("!" not ending a word):
+    it must not be taken for padding."""
+    tokenizer = open_clip.get_tokenizer("ldm-tiny-text")
+    prompts = ['the sign says "sale!"!', "a red circle", ""]
+    assert 0 in tokenizer.encode(prompts[0])  # the case at stake
+    mask = encoder(prompts).mask
+    assert mask.sum(1).tolist() == [len(tokenizer.encode(p)) + 2 for p in prompts]
+    assert all(m[: int(m.sum())].all() for m in mask)  # one run from the start token
+
+
+def test_the_null_prompt_is_full_precision_and_follows_the_weights():
+    """Cached, but computed outside autocast (a first call in a bf16 training step used to fix a bf16 copy) and
+    recomputed when the weights change (e.g. a checkpoint loaded into the tower after a first use)."""
+    torch.manual_seed(1)
+    enc = FrozenOpenCLIPTextEncoder("ldm-tiny-text", pretrained=None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        null = enc.null(2)
+    reference = enc([""])
+    assert null.tokens.dtype == null.pooled.dtype == torch.float32
+    torch.testing.assert_close(null.tokens[1], reference.tokens[0], rtol=0, atol=0)
+    torch.testing.assert_close(null.pooled[1], reference.pooled[0], rtol=0, atol=0)
+    torch.manual_seed(2)
+    other = FrozenOpenCLIPTextEncoder("ldm-tiny-text", pretrained=None)
+    enc.text.load_state_dict(other.text.state_dict())
+    torch.testing.assert_close(enc.null().tokens, other([""]).tokens, rtol=0, atol=0)

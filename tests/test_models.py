@@ -336,6 +336,26 @@ def test_constructors_accept_lists():
     assert n_params(unet) == n_params(CrossAttentionUNet(**TINY_UNET))
 
 
+def test_unet_dropout_acts_in_the_residual_blocks_only():
+    """As SD's UNetModel and diffusers' UNet2DConditionModel: the transformer blocks get no dropout."""
+    from ldm.models.attention import SpatialTransformer
+    from ldm.models.layers import ResnetBlock
+
+    unet = CrossAttentionUNet(**{**TINY_UNET, "dropout": 0.25})
+
+    def rates(kind: type) -> set[float]:
+        return {
+            d.p
+            for block in unet.modules()
+            if isinstance(block, kind)
+            for d in block.modules()
+            if isinstance(d, torch.nn.Dropout)
+        }
+
+    assert rates(ResnetBlock) == {0.25}
+    assert rates(SpatialTransformer) == {0.0}
+
+
 @pytest.mark.parametrize(("num_res_blocks", "expected"), [(1, 4_283_012), (2, 6_272_708)])
 def test_tiny_unet_param_count(num_res_blocks, expected):
     assert n_params(CrossAttentionUNet(**{**TINY_UNET, "num_res_blocks": num_res_blocks})) == expected

@@ -44,8 +44,14 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
             raise ValueError(f"{model_name}: text towers with a class token (CoCa) are not supported")
         self.text = text.requires_grad_(False).eval()
         self.tokenizer = open_clip.get_tokenizer(model_name)
-        self.context_length = context_length or self.text.context_length
+        if context_length not in (None, self.text.context_length):
+            raise ValueError(
+                f"context_length={context_length}: the {model_name} text tower has position embeddings and a "
+                f"causal mask for {self.text.context_length} tokens; leave it null (the tower's own)"
+            )
+        self.context_length = self.text.context_length
         self._null: Conditioning | None = None
+        self._null_key: tuple | None = None
 
     @property
     def width(self) -> int:
@@ -106,13 +112,29 @@ class FrozenOpenCLIPTextEncoder(nn.Module):
         proj = self.text.text_projection
         if proj is not None:
             pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
-        return Conditioning(tokens=hidden, pooled=pooled, mask=ids != 0)
+        return Conditioning(tokens=hidden, pooled=pooled, mask=self._real_tokens(ids))
+
+    def _real_tokens(self, ids: Tensor) -> Tensor:
+        """(B, L) bool: start token, text and end token; not the padding after it. (Padding is id 0, which is
+        also a real BPE token, "!" with no word end, so `ids != 0` would hide it.)"""
+        eot = getattr(self.tokenizer, "eot_token_id", None)
+        if eot is None:  # a Hugging Face tokenizer (e.g. SigLIP's): its own pad id
+            pad = getattr(getattr(self.tokenizer, "tokenizer", None), "pad_token_id", None)
+            return ids != (0 if pad is None else pad)
+        is_end = ids == eot
+        end = torch.where(is_end.any(dim=1), is_end.int().argmax(dim=1), ids.shape[1] - 1)
+        return torch.arange(ids.shape[1], device=ids.device) <= end[:, None]
 
     def null(self, batch_size: int = 1) -> Conditioning:
-        """The empty-prompt conditioning used for classifier-free guidance (cached)."""
-        device = self.text.token_embedding.weight.device
-        if self._null is None or self._null.tokens.device != device:
-            self._null = self([""])
+        """The empty-prompt conditioning used for classifier-free guidance, cached while the weights stay as they
+        are (a load or any in-place change recomputes it), and computed in the tower's own precision: a first call
+        under bf16 autocast must not fix a bf16 copy for the rest of the run."""
+        weights = list(self.text.parameters())
+        key = (weights[0].device, weights[0].dtype, tuple(p._version for p in weights))
+        if self._null is None or self._null_key != key:
+            with torch.autocast(weights[0].device.type, enabled=False):
+                self._null = self([""])
+            self._null_key = key
         return self._null.expand(batch_size)
 
     def _apply(self, fn, recurse: bool = True):

@@ -69,7 +69,9 @@ class CrossAttentionUNet(nn.Module):
 
     `attention_resolutions` are downsampling factors (1 = full latent resolution), SD's convention.
     Exactly one of `head_dim` (heads = channels // head_dim) and `num_heads` must be set. `qk_norm`: RMSNorm on each
-    attention head's queries and keys (SD3's stabiliser; `ldm.models.attention.CrossAttention`).
+    attention head's queries and keys (SD3's stabiliser; `ldm.models.attention.CrossAttention`). `dropout` acts in
+    the residual blocks only, as in SD's UNetModel and diffusers' UNet2DConditionModel (their transformer blocks
+    get none).
     """
 
     def __init__(
@@ -122,7 +124,7 @@ class CrossAttentionUNet(nn.Module):
         def transformer(ch: int) -> SpatialTransformer:
             heads, dim_head = heads_for(ch)
             return SpatialTransformer(
-                ch, heads, dim_head, context_dim, transformer_depth, dropout, num_groups, qk_norm
+                ch, heads, dim_head, context_dim, transformer_depth, 0.0, num_groups, qk_norm
             )
 
         self.time_embed = nn.Sequential(

@@ -114,7 +114,8 @@ class DiffusionModule(LDMModuleBase):
     def _conditioning(self, batch: dict) -> Conditioning:
         if "text_tokens" in batch:  # cached with the latents
             return Conditioning(batch["text_tokens"], batch.get("text_pooled"), batch.get("text_mask"))
-        self._count_truncated(batch["caption"])
+        if self.training:  # the share of the training data; held-out captions are not counted
+            self._count_truncated(batch["caption"])
         return self.text_encoder(batch["caption"])
 
     TRUNCATION_SAMPLE = 16  # captions per batch checked for truncation (tokenizing them again costs CPU time)
