@@ -28,7 +28,8 @@ SPACINGS = ("leading", "trailing", "linspace")
 def sampling_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading") -> list[int]:
     """Descending timesteps of a ``num_steps`` sampler over a ``num_timesteps`` schedule (as diffusers).
 
-    - ``"leading"``: ``arange(S) * (T // S)`` (DDIM paper / Stable Diffusion, no offset): T=1000, S=50 → 980 .. 0.
+    - ``"leading"``: ``arange(S) * (T // S)`` (the DDIM paper; diffusers with steps_offset=0): T=1000, S=50 → 980 .. 0.
+      Stable Diffusion adds 1 (CompVis make_ddim_timesteps, diffusers' SD pipelines: steps_offset=1), 981 .. 1.
     - ``"trailing"``: ``round(arange(T, 0, -T / S)) - 1`` (Lin et al. 2024, table 2): 999 .. 19, starts at T - 1.
     - ``"linspace"``: ``round(linspace(0, T - 1, S))``: both ends; also respaced DDPM (Nichol & Dhariwal sec. 4).
 
