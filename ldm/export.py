@@ -50,6 +50,8 @@ from ldm.utils.checkpoint import (
     CONTENTS_KEY,
     WEIGHTS_ONLY,
     file_sha256,
+    fsync_dir,
+    fsync_file,
     load_bundle,
     save_safetensors,
     submodule_state,
@@ -172,14 +174,49 @@ def export(
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             summary = _write_diffusers(parts, tmp, DTYPES[dtype])
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
+            _fsync_tree(tmp)
+            _replace_folder(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     else:
         summary = _write_sd(parts, out, DTYPES[dtype])
     return {"format": format, "out": str(out), "dtype": dtype, **summary, "source": parts.source}
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file and folder under `root` on disk, before a rename makes the export visible."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fsync_file(Path(folder) / name)
+        fsync_dir(folder)
+
+
+def _replace_folder(new: Path, out: Path) -> None:
+    """Rename folder `new` to `out`. A folder cannot be renamed over a non-empty one, so a previous `out` is first
+    renamed aside and deleted only once `new` is in place: a failure puts it back, and a crash between the two
+    renames leaves it whole beside, as `.<name>.old-<pid>`: the previous export is never deleted before the new
+    one is in place."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    had_old = os.path.lexists(out)
+    if had_old:
+        _remove(old)
+        os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        if had_old:
+            os.replace(old, out)
+        raise
+    fsync_dir(out.parent)
+    if had_old:
+        _remove(old)
 
 
 def _cast(state: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
@@ -284,7 +321,10 @@ def _write_diffusers(parts: ExportedParts, root: Path, dtype: torch.dtype) -> di
     if parts.unet.pooled_proj is not None:
         notes.append(
             "the UNet adds a projection of the pooled text embedding (class_embed_type='simple_projection'): "
-            "call it with class_labels=pooled; StableDiffusionPipeline does not pass it"
+            "call it with class_labels=pooled; StableDiffusionPipeline does not pass it. pooled is the text tower's "
+            "last layer, final LayerNorm, at the end token, times its text_projection: the exported CLIPTextModel "
+            "has no projection (and may be cut before the last layer), so compute pooled with "
+            "ldm.conditioning.FrozenOpenCLIPTextEncoder from the checkpoint"
         )
     if parts.latent_shift:
         notes.append(
@@ -336,8 +376,11 @@ def _write_sd(parts: ExportedParts, out: Path, dtype: torch.dtype) -> dict:
     try:
         save_safetensors(_cast(state, dtype), tmp, metadata=metadata)
         tmp_yaml.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        fsync_file(tmp)
+        fsync_file(tmp_yaml)
         os.replace(tmp, out)
         os.replace(tmp_yaml, yaml_path)
+        fsync_dir(out.parent)
     finally:
         tmp.unlink(missing_ok=True)
         tmp_yaml.unlink(missing_ok=True)

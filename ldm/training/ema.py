@@ -8,15 +8,28 @@ import copy
 import torch
 from torch import nn
 
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+_CHUNK = 1 << 26  # model weights converted to float32 at once for a 16-bit average (elements: 256 MB)
+
 
 class _Averages(nn.Module):
     """What every average of a model shares: an update count kept as a buffer (saved, resumed) and mirrored on the
-    host (no GPU sync per step), eval mode always, and the step that moves an averaged copy towards the model."""
+    host (no GPU sync per step), eval mode always, and the step that moves an averaged copy towards the model.
+
+    Averaged 16-bit weights (`precision: bf16-true` converts the whole module) take each step in a float32 copy,
+    rounded into the weights after it: in bf16 (8 significant bits) a step of 1e-4 of the distance to the model is
+    below half a unit in the last place, and the average would never move. The weights, and so the state dict, stay
+    16-bit (same names and dtypes as before; the averaged copy runs in the model's dtype). The float32 copies
+    (4 bytes a weight, per average) are not saved: they restart from the 16-bit weights after a load (a resume),
+    a move or a copy, which costs one bf16 rounding, not the average.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self._host_updates: int | None = None
+        # averaged copy → [(float32 accumulator, the weight's `_version` after our write)] of its 16-bit weights
+        self._accumulators: dict[int, list[tuple[torch.Tensor, int]]] = {}
 
     @property
     def updates(self) -> int:
@@ -33,16 +46,45 @@ class _Averages(nn.Module):
     def _copy(model: nn.Module) -> nn.Module:
         return copy.deepcopy(model).requires_grad_(False).eval()
 
-    @staticmethod
     @torch.no_grad()
     def _move_towards(
-        average: nn.Module, params: list[torch.Tensor], model: nn.Module, weight: float
+        self, key: int, average: nn.Module, params: list[torch.Tensor], model: nn.Module, weight: float
     ) -> None:
         """average ← average + weight · (model − average) for the float parameters (`params`, the model's, detached);
-        buffers are copied."""
-        torch._foreach_lerp_([p for p in average.parameters() if p.is_floating_point()], params, weight)
+        buffers are copied. `key` names the averaged copy (its float32 accumulators, for 16-bit weights)."""
+        pairs = list(zip((p for p in average.parameters() if p.is_floating_point()), params, strict=True))
+        full = [(a, p) for a, p in pairs if a.dtype not in _LOW_PRECISION]
+        if full:
+            torch._foreach_lerp_([a for a, _ in full], [p for _, p in full], weight)
+        low = [(a, p) for a, p in pairs if a.dtype in _LOW_PRECISION]
+        if low:
+            self._move_16bit(key, low, weight)
         for avg_b, b in zip(average.buffers(), model.buffers(), strict=True):
             avg_b.copy_(b)
+
+    def _move_16bit(self, key: int, pairs: list[tuple[torch.Tensor, torch.Tensor]], weight: float) -> None:
+        """The step for 16-bit averaged weights (with the model's, `pairs`), in their float32 accumulators. One
+        restarts from its weight when something else wrote the weight since our last step (a load bumps the
+        weight's `_version`); the model's weights go to float32 a chunk at a time (a transient copy)."""
+        saved = self._accumulators.get(key, [])
+        if len(saved) != len(pairs):
+            saved = [None] * len(pairs)
+        accumulators = [
+            entry[0]
+            if entry is not None and entry[1] == a._version and entry[0].shape == a.shape
+            else a.detach().float()
+            for entry, (a, _) in zip(saved, pairs, strict=True)
+        ]
+        first, size = 0, 0
+        for i, (_, p) in enumerate(pairs):
+            size += p.numel()
+            if size >= _CHUNK or i == len(pairs) - 1:
+                chunk = range(first, i + 1)
+                accs = [accumulators[j] for j in chunk]
+                torch._foreach_lerp_(accs, [pairs[j][1].float() for j in chunk], weight)
+                torch._foreach_copy_([pairs[j][0] for j in chunk], accs)
+                first, size = i + 1, 0
+        self._accumulators[key] = [(acc, a._version) for acc, (a, _) in zip(accumulators, pairs, strict=True)]
 
     @staticmethod
     def _float_params(model: nn.Module) -> list[torch.Tensor]:
@@ -51,6 +93,14 @@ class _Averages(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._host_updates = None
+        self._accumulators.clear()
+
+    def _apply(self, fn, recurse: bool = True):
+        self._accumulators.clear()  # moved or cast (.to, .cuda, a precision plugin): restart from the weights
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_accumulators": {}}  # deepcopy, pickle: rebuilt from the weights
 
     def train(self, mode: bool = True) -> _Averages:
         return super().train(False)  # averaged copies always run in eval mode
@@ -79,7 +129,7 @@ class EMA(_Averages):
     def update(self, model: nn.Module) -> None:
         decay = self.current_decay()
         self._count_update()
-        self._move_towards(self.module, self._float_params(model), model, 1.0 - decay)
+        self._move_towards(0, self.module, self._float_params(model), model, 1.0 - decay)
 
 
 class PowerEMA(_Averages):
@@ -106,5 +156,5 @@ class PowerEMA(_Averages):
         self._count_update()
         t = self.updates
         params = self._float_params(model)
-        for gamma, average in zip(self.gammas, self.averages, strict=True):
-            self._move_towards(average, params, model, 1.0 - (1.0 - 1.0 / t) ** (gamma + 1.0))
+        for k, (gamma, average) in enumerate(zip(self.gammas, self.averages, strict=True)):
+            self._move_towards(k, average, params, model, 1.0 - (1.0 - 1.0 / t) ** (gamma + 1.0))

@@ -126,7 +126,8 @@ class LDMModuleBase(L.LightningModule):
         bins = (t * NUM_TIMESTEP_BINS // num_timesteps).clamp(max=NUM_TIMESTEP_BINS - 1)
         step = self.global_step
         if self._loss_bins is None or (self._loss_bins_logged is not None and step > self._loss_bins_logged):
-            self._loss_bins = torch.zeros(2, NUM_TIMESTEP_BINS, device=per_sample.device)  # sums, counts
+            # float32 whatever the default dtype (bf16-true makes it bf16 in training_step: counts stop at 256)
+            self._loss_bins = torch.zeros(2, NUM_TIMESTEP_BINS, device=per_sample.device, dtype=torch.float32)
             self._loss_bins_logged = None
         self._loss_bins[0].index_add_(0, bins, per_sample.detach().float())
         self._loss_bins[1].index_add_(0, bins, torch.ones_like(per_sample, dtype=torch.float32))

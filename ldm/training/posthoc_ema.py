@@ -31,7 +31,15 @@ from safetensors.torch import load_file
 
 from ldm.training.ema import PowerEMA
 from ldm.training.fsdp import full_tensor, is_sharded
-from ldm.utils.checkpoint import BUNDLE_KEY, CONTENTS_KEY, WEIGHTS_ONLY, load_bundle, save_safetensors
+from ldm.utils.checkpoint import (
+    BUNDLE_KEY,
+    CONTENTS_KEY,
+    WEIGHTS_ONLY,
+    fsync_dir,
+    fsync_file,
+    load_bundle,
+    save_safetensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +133,14 @@ def save_snapshot(
         "sigma_rels": json.dumps([gamma_to_sigma_rel(g) for g in power_ema.gammas]),
     }
     tmp = path.with_name(f".{path.name}.tmp")
-    save_safetensors(tensors, tmp, metadata=metadata)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # on disk before the rename makes it visible, as atomic_save does
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    try:  # as atomic_save: on disk before the rename makes it visible, and no temporary file left by a failure
+        save_safetensors(tensors, tmp, metadata=metadata)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
     return path
 
 

@@ -51,11 +51,37 @@ def save_safetensors(
     os.chmod(path, file_mode())
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the target directory, fsync, then rename over `path`.
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's data to the disk: before a rename makes it visible, or a power loss can leave the new
+    name on an empty file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    A crash mid-write leaves the previous file intact; readers never see a half-written checkpoint. The file gets
-    the permissions of any new file (umask), not the owner-only ones of the temporary file it was.
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries to the disk, so that a rename into it survives a power loss. Silently nothing
+    where the platform refuses (Windows cannot open a folder; some network filesystems reject the fsync)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the target directory, fsync, rename over `path`, fsync the directory.
+
+    A crash mid-write leaves the previous file intact; readers never see a half-written checkpoint, and after a
+    power loss the name holds the old file or the whole new one. A failed write (a full disk) leaves no temporary
+    file. The file gets the permissions of any new file (umask), not the owner-only ones of the temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,6 +96,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
