@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.models.attention import SpatialTransformer
 from ldm.models.layers import Downsample, ResnetBlock, Upsample, group_norm, timestep_embedding, zero_module
+from ldm.utils.speed import recompute_tally
 
 _UNET_NORM_EPS = 1e-5  # openaimodel's GroupNorm32 uses PyTorch's default eps (the VAE uses 1e-6)
 MICRO_DIM = 256  # sinusoidal features per micro-conditioning scalar (SDXL's 256)
@@ -60,7 +61,10 @@ class EmbedSequential(nn.Sequential):
             else:
                 x = layer(x)
                 continue
-            x = checkpoint(layer, *args, use_reentrant=False) if use_checkpoint else layer(*args)
+            if use_checkpoint:  # recomputation tallied apart while FLOPs are counted (MFU leaves it out)
+                x = checkpoint(layer, *args, use_reentrant=False, **recompute_tally())
+            else:
+                x = layer(*args)
         return x
 
 

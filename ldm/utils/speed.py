@@ -1,14 +1,17 @@
 """Speed switches and device peaks, torch only (the training callbacks and bench/ share them): TF32, the SDPA
-attention kernel, channels_last, and the peak TFLOP/s MFU is measured against."""
+attention kernel, channels_last, the peak TFLOP/s MFU is measured against, and a FLOP counter that tells model
+FLOPs from the hardware's (activation-checkpoint recomputation)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 SDPA_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -54,13 +57,15 @@ def batch_to_channels_last(batch: dict) -> dict:
     return batch
 
 
-# Dense (no sparsity) peak TFLOP/s per GPU from the vendor's data sheets, by compute type. Names are matched as
-# substrings of torch.cuda.get_device_name(), most specific first.
+# Dense (no sparsity) peak TFLOP/s per GPU from the vendor's data sheets, by compute type (the sheets' tensor-core
+# rates are with 2:4 sparsity: half of those). Names are matched as substrings of torch.cuda.get_device_name(), the
+# longest matching key winning: "H200" is also a substring of "NVIDIA H200 NVL" and "NVIDIA GH200 480GB".
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H100 PCIe": {"bf16": 756.0, "tf32": 378.0, "fp32": 51.0},
     "H100 NVL": {"bf16": 835.0, "tf32": 418.0, "fp32": 60.0},
     "H100": {"bf16": 989.0, "tf32": 494.5, "fp32": 67.0},  # SXM
-    "H200": {"bf16": 989.0, "tf32": 494.5, "fp32": 67.0},
+    "H200 NVL": {"bf16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    "H200": {"bf16": 989.0, "tf32": 494.5, "fp32": 67.0},  # SXM
     "GH200": {"bf16": 989.0, "tf32": 494.5, "fp32": 67.0},
     "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
 }
@@ -78,7 +83,64 @@ def compute_type(precision: str | int | None, tf32: bool | None = None) -> str:
 
 def device_peak_tflops(device_name: str, compute: str = "bf16") -> float | None:
     """Peak TFLOP/s of a GPU named `device_name` for `compute` (bf16 | tf32 | fp32); None when not in the table."""
-    for key, peaks in PEAK_TFLOPS.items():
-        if key.lower() in device_name.lower():
-            return peaks[compute]
-    return None
+    keys = [key for key in PEAK_TFLOPS if key.lower() in device_name.lower()]
+    return PEAK_TFLOPS[max(keys, key=len)][compute] if keys else None
+
+
+class FlopCounter(FlopCounterMode):
+    """FlopCounterMode that also tallies apart the FLOPs of activation-checkpoint recomputation, in the checkpoints
+    taken with `**recompute_tally()`: MFU counts model FLOPs, without rematerialisation (Chowdhery et al. 2022,
+    app. B), while `get_total_flops()` is what the hardware ran, recomputation included."""
+
+    def __init__(self) -> None:
+        super().__init__(display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
+        self.recompute_flops = 0
+
+    def __enter__(self) -> FlopCounter:
+        self.recompute_flops = 0
+        counter = super().__enter__()
+        _RECOMPUTE_COUNTERS.append(self)
+        return counter
+
+    def __exit__(self, *args) -> None:
+        _RECOMPUTE_COUNTERS.remove(self)
+        return super().__exit__(*args)
+
+    def model_flops(self) -> int:
+        return self.get_total_flops() - self.recompute_flops
+
+
+# PyTorch's default CPU attention kernel has no FLOP formula in torch.utils.flop_counter (torch 2.14): it counted 0.
+# Counted as the CUDA kernels are: QK^T and PV forward; five in backward (the scores are recomputed).
+_CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: (
+        lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)
+    ),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: (
+        lambda grad_out, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad_out, q, k, v)
+    ),
+}
+
+# the FlopCounters counting now: a module global, not thread-local, since backward may run on another thread
+_RECOMPUTE_COUNTERS: list[FlopCounter] = []
+
+
+@contextlib.contextmanager
+def _tally_recompute(counters: list[FlopCounter]) -> Iterator[None]:
+    """Around one checkpoint's recomputation: what each counter counted in it, added to its recompute_flops."""
+    before = [counter.get_total_flops() for counter in counters]
+    try:
+        yield
+    finally:
+        for counter, flops in zip(counters, before, strict=True):
+            counter.recompute_flops += counter.get_total_flops() - flops
+
+
+def recompute_tally() -> dict[str, Callable[[], tuple[AbstractContextManager, AbstractContextManager]]]:
+    """Keyword arguments for a non-reentrant torch.utils.checkpoint: while a FlopCounter counts, a `context_fn`
+    that tallies the recomputation for it; else none (dynamo cannot trace a checkpoint given any `context_fn`
+    but a literal one, while a FlopCounterMode keeps dynamo from compiling, so the counted step runs eagerly)."""
+    if not _RECOMPUTE_COUNTERS:
+        return {}
+    counters = list(_RECOMPUTE_COUNTERS)
+    return {"context_fn": lambda: (contextlib.nullcontext(), _tally_recompute(counters))}
