@@ -7,7 +7,11 @@
   (the OpenCLIP text tower as a `transformers` CLIPTextModel, as Stability converted SD2's: with `layer:
   penultimate` the last block is dropped, so its final-LayerNorm output is SD2's conditioning; the same BPE
   vocabulary, padded with "!" = id 0 as open_clip pads), `model_index.json`. `StableDiffusionPipeline.
-  from_pretrained(folder)` then takes prompt strings.
+  from_pretrained(folder)` then takes prompt strings. A UNet that also takes the pooled text embedding
+  (`pooled_dim`: diffusers' `class_embed_type="simple_projection"`, called with `class_labels=pooled`) gets the whole
+  tower with its projection as a `CLIPTextModelWithProjection` instead: `text_embeds` is the pooled embedding, and the
+  tokens are `final_layer_norm(hidden_states[-2])` for the penultimate layer, diffusers' `clip_skip=1` (recorded as
+  `clip_skip` in `ldm_export.json`; 0 for the last layer).
 - ``sd``: one `.safetensors` in the CompVis layout of Stable Diffusion 2 (`model.diffusion_model.*`,
   `first_stage_model.*`, `cond_stage_model.model.*` = the OpenCLIP text tower, as SD2's FrozenOpenCLIPEmbedder
   holds it) plus its inference `.yaml` (`scale_factor` = our latent scale, `parameterization`, schedule). This is the
@@ -292,7 +296,11 @@ def _write_diffusers(parts: ExportedParts, root: Path, dtype: torch.dtype) -> di
         save_safetensors(_cast(state, dtype), root / name / "diffusion_pytorch_model.safetensors")
     scheduler = scheduler_config(parts)
     _write_json(root / "scheduler" / "scheduler_config.json", scheduler)
-    text_config, text_state = hf_clip_text(parts.text_identity, parts.text_state())
+    # a pooled-text UNet needs the tower's pooled embedding: the whole tower and its projection, the conditioning
+    # layer then read as diffusers' clip_skip (hidden_states[-(clip_skip + 1)] through the final LayerNorm)
+    pooled = parts.unet.pooled_proj is not None
+    clip_skip = (1 if parts.text_identity["layer"] == "penultimate" else 0) if pooled else None
+    text_config, text_state = hf_clip_text(parts.text_identity, parts.text_state(), with_projection=pooled)
     _write_json(root / "text_encoder" / "config.json", text_config)
     save_safetensors(_cast(text_state, dtype), root / "text_encoder" / "model.safetensors")
     write_clip_tokenizer(root / "tokenizer", parts.text_identity, text_config["max_position_embeddings"])
@@ -302,7 +310,7 @@ def _write_diffusers(parts: ExportedParts, root: Path, dtype: torch.dtype) -> di
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "scheduler": ["diffusers", scheduler["_class_name"]],
-        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder": ["transformers", text_config["architectures"][0]],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "safety_checker": [None, None],
         "feature_extractor": [None, None],
@@ -310,7 +318,10 @@ def _write_diffusers(parts: ExportedParts, root: Path, dtype: torch.dtype) -> di
         "requires_safety_checker": False,
     }
     _write_json(root / "model_index.json", model_index)
-    _write_json(root / "ldm_export.json", parts.source)
+    _write_json(
+        root / "ldm_export.json",
+        parts.source if clip_skip is None else {**parts.source, "clip_skip": clip_skip},
+    )
     notes = []
     if isinstance(parts.diffusion, RectifiedFlow):
         notes.append(
@@ -318,20 +329,28 @@ def _write_diffusers(parts: ExportedParts, root: Path, dtype: torch.dtype) -> di
             "drive (it has no init_noise_sigma); loop over scheduler.timesteps yourself, calling the UNet with "
             "timestep=t and taking scheduler.step(v, t, latents)"
         )
-    if parts.unet.pooled_proj is not None:
+    if pooled:
+        tokens = (
+            "text_encoder.text_model.final_layer_norm(out.hidden_states[-2]) (penultimate layer)"
+            if clip_skip
+            else "out.last_hidden_state"
+        )
         notes.append(
             "the UNet adds a projection of the pooled text embedding (class_embed_type='simple_projection'): "
-            "call it with class_labels=pooled; StableDiffusionPipeline does not pass it. pooled is the text tower's "
-            "last layer, final LayerNorm, at the end token, times its text_projection: the exported CLIPTextModel "
-            "has no projection (and may be cut before the last layer), so compute pooled with "
-            "ldm.conditioning.FrozenOpenCLIPTextEncoder from the checkpoint"
+            "call it with class_labels=pooled; StableDiffusionPipeline does not pass it, so loop over the scheduler "
+            "yourself. The text encoder is the whole tower as a CLIPTextModelWithProjection: with out = "
+            "text_encoder(ids, output_hidden_states=True), pooled = out.text_embeds and encoder_hidden_states = "
+            f"{tokens}, which is what encode_prompt(..., clip_skip={clip_skip}) gives"
         )
     if parts.latent_shift:
         notes.append(
             f"latent shift {parts.latent_shift:g} is stored as vae shift_factor; StableDiffusionPipeline ignores "
             "it (it divides by scaling_factor only)"
         )
-    return {"unet_config": unet_config, "vae_config": vae_config, "notes": notes}
+    summary = {"unet_config": unet_config, "vae_config": vae_config, "notes": notes}
+    if clip_skip is not None:
+        summary["clip_skip"] = clip_skip
+    return summary
 
 
 def _sd_config(parts: ExportedParts) -> dict:

@@ -5,7 +5,8 @@
     python scripts/export.py CKPT OUT_DIR --dtype float16 --overwrite
 
 diffusers: `StableDiffusionPipeline.from_pretrained(OUT_DIR)` loads UNet, VAE, the OpenCLIP text tower as a
-transformers CLIPTextModel with its tokenizer, and a DDIM scheduler with the exact training betas (README,
+transformers CLIPTextModel with its tokenizer (the whole tower as CLIPTextModelWithProjection when the UNet takes
+pooled text), and a DDIM scheduler with the exact training betas (README,
 "Export"). sd: the CompVis layout of Stable Diffusion 2
 (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.model.*`) with its inference yaml; only
 models that layout can describe (32-group GroupNorms, no pooled-text input, a CompVis-named schedule) export to it,

@@ -443,3 +443,77 @@ def test_a_qk_norm_model_trains_samples_and_is_not_exported(synthetic_shards, va
         with pytest.raises(ValueError, match="qk_norm"):
             export(ckpt, out, format=fmt)
         assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def pooled_run(synthetic_shards, vae_ckpt, tmp_path_factory):
+    """A 3-step stage-2 run of the quickstart's tiny model, whose UNet adds the pooled text embedding
+    (experiment=tiny: unet.pooled_dim=auto) to its timestep embedding."""
+    from ldm.training.run import train
+
+    cfg = compose_train(
+        "experiment=tiny",
+        f"data.train_urls={synthetic_shards[0]}",
+        f"autoencoder_ckpt={vae_ckpt}",
+        "trainer.max_steps=3",
+        "optim.lr=1e-2",  # a few large steps: the zero-initialised output layer must not stay near zero
+        "callbacks.sample_grid=null",
+        *FAST,
+        run_dir=str(tmp_path_factory.mktemp("pooled_run") / "run"),
+    )
+    return train(cfg)["checkpoint"]
+
+
+def test_pooled_text_unet_exports_a_text_encoder_that_computes_pooled(pooled_run, tmp_path):
+    """A UNet with a pooled-text input needs class_labels=pooled: the folder's text encoder is then a whole
+    CLIPTextModelWithProjection whose text_embeds is ldm's pooled, while the tokens the UNet attends to are its
+    penultimate layer through the final LayerNorm (diffusers' clip_skip=1), so diffusers alone conditions it."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    out = tmp_path / "m"
+    summary = export(pooled_run, out, use_ema=False)
+    assert summary["clip_skip"] == 1
+    assert any("class_labels=pooled" in note and "clip_skip=1" in note for note in summary["notes"])
+    assert json.loads((out / "ldm_export.json").read_text())["clip_skip"] == 1
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["text_encoder"] == ["transformers", "CLIPTextModelWithProjection"]
+
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(out / "text_encoder").eval()
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    assert text_encoder.config.num_hidden_layers == 3  # every block of ldm-tiny-text: pooled reads the last
+    ours, _ = TextToImage.from_checkpoint(pooled_run, use_ema=False)
+    # the empty prompt (guidance's null) and one the 32-token context cuts: the end token moves to the last place
+    prompts = [*PROMPTS, "", " ".join(["a small red circle beside a large blue square"] * 5)]
+    assert ours.text_encoder.truncated(prompts).tolist() == [False, False, False, True]
+    ids = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    torch.testing.assert_close(ids, ours.text_encoder.tokenize(prompts))
+    cond = ours.text_encoder(prompts)
+    with torch.no_grad():
+        hf = text_encoder(ids, output_hidden_states=True)
+        tokens = text_encoder.text_model.final_layer_norm(hf.hidden_states[-2])
+    torch.testing.assert_close(hf.text_embeds, cond.pooled, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tokens, cond.tokens, rtol=1e-5, atol=1e-5)
+    # ... which is what diffusers' own prompt encoding gives with clip_skip=1
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    assert isinstance(pipe.text_encoder, CLIPTextModelWithProjection)
+    with torch.no_grad():
+        embeds, _ = pipe.encode_prompt(prompts, "cpu", 1, False, clip_skip=1)
+    torch.testing.assert_close(embeds, cond.tokens, rtol=1e-5, atol=1e-5)
+
+    unet = UNet2DConditionModel.from_pretrained(out / "unet").eval()
+    assert unet.config.class_embed_type == "simple_projection"
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 4, 8, 8, generator=g), torch.tensor([0, 300, 700, 999])
+    with torch.no_grad():
+        expected = ours.unet(x, t, cond.tokens, pooled=cond.pooled)
+        got = unet(x, t, encoder_hidden_states=tokens, class_labels=hf.text_embeds).sample
+        unpooled = ours.unet(x, t, cond.tokens, pooled=torch.zeros_like(cond.pooled))
+    assert expected.abs().mean() > 1e-3 and (expected - unpooled).abs().max() > 1e-4  # pooled matters
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -1,7 +1,9 @@
 """A frozen OpenCLIP text tower as the files transformers reads: `CLIPTextModel` weights + config, `CLIPTokenizer`.
 
 This is how Stability shipped SD2's OpenCLIP ViT-H-14 tower to diffusers, and what `ldm.export` writes for a diffusers
-folder. Pure conversion of names and shapes: transformers is not imported (it reads the files).
+folder. A model that also conditions on the pooled text embedding gets the whole tower with its projection as a
+`CLIPTextModelWithProjection` instead (`text_embeds` = ldm's pooled). Pure conversion of names and shapes: transformers
+is not imported (it reads the files).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 
@@ -18,19 +21,28 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-def hf_clip_text(identity: Mapping, state: Mapping[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
+def hf_clip_text(
+    identity: Mapping, state: Mapping[str, Tensor], with_projection: bool = False
+) -> tuple[dict, dict[str, Tensor]]:
     """(transformers `CLIPTextModel` config, its state dict) for an OpenCLIP text tower (`identity` as a checkpoint
     records it, `state` its weights without the `text.` prefix): the blocks SD's conditioning layer uses
     (penultimate: all but the last), then the final LayerNorm; the packed attention in-projection split into q/k/v.
+
+    `with_projection`: a `CLIPTextModelWithProjection` instead, with every block and the text projection, so that its
+    `text_embeds` is the tower's pooled embedding (final LayerNorm of the last layer at the end token, projected), as
+    `FrozenOpenCLIPTextEncoder` computes it; the penultimate layer's tokens are then `final_layer_norm(
+    hidden_states[-2])` (diffusers' clip_skip=1). A tower without a projection gets the identity.
+
     A ValueError for towers CLIPTextModel computes differently: non-causal attention, layer scale or other extra
-    weights (any tensor left unconverted)."""
+    weights (any tensor left unconverted); with the projection also a projection bias, or pooling other than at the
+    end token."""
     text_cfg, quick_gelu = openclip_text_cfg(identity["model_name"], identity.get("pretrained"))
     if text_cfg.get("no_causal_mask"):
         raise ValueError(
             f"{identity['model_name']}'s text tower attends without a causal mask; CLIPTextModel is causal"
         )
     blocks = sorted({int(k.split(".")[2]) for k in state if k.startswith("transformer.resblocks.")})
-    used = blocks[:-1] if identity["layer"] == "penultimate" else blocks
+    used = blocks[:-1] if identity["layer"] == "penultimate" and not with_projection else blocks
     width = state["token_embedding.weight"].shape[1]
     sources = {
         "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
@@ -58,11 +70,26 @@ def hf_clip_text(identity: Mapping, state: Mapping[str, Tensor]) -> tuple[dict, 
             read.add(packed)
     out.update({theirs: state[ours] for theirs, ours in sources.items()})
     read |= set(sources.values())
+    # open_clip's projection: a (width, embed) Parameter applied as `x @ proj`, or an nn.Linear (`proj_bias`)
+    projection = state.get("text_projection", state.get("text_projection.weight"))
+    if projection is not None and projection.ndim == 2 and "text_projection" in state:
+        projection = projection.T  # (width, embed) → nn.Linear's (embed, width)
+    if with_projection:
+        _check_end_token_pooling(identity["model_name"], text_cfg)
+        if "text_projection.bias" in state:
+            raise ValueError(
+                f"{identity['model_name']}'s text projection has a bias; CLIPTextModelWithProjection's has none"
+            )
+        if projection is None:  # no projection: pooled is the end token's features themselves
+            projection = torch.eye(width, dtype=state["token_embedding.weight"].dtype)
+        out["text_projection.weight"] = projection.contiguous()
+        read |= {"text_projection", "text_projection.weight"}
     unused_block = f"transformer.resblocks.{blocks[-1]}." if len(used) < len(blocks) else None
+    unused_projection = {"text_projection", "text_projection.weight", "text_projection.bias"}
     left = sorted(
         k
         for k in state
-        if k not in read and k != "text_projection" and not (unused_block and k.startswith(unused_block))
+        if k not in read and k not in unused_projection and not (unused_block and k.startswith(unused_block))
     )
     if left:
         raise ValueError(
@@ -71,12 +98,12 @@ def hf_clip_text(identity: Mapping, state: Mapping[str, Tensor]) -> tuple[dict, 
         )
     config = {
         "_name_or_path": f"ldm export of OpenCLIP {identity['model_name']} ({identity.get('pretrained') or 'trained from scratch'})",
-        "architectures": ["CLIPTextModel"],
+        "architectures": ["CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"],
         "model_type": "clip_text_model",
         "vocab_size": state["token_embedding.weight"].shape[0],
         "hidden_size": width,
         "intermediate_size": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-        "projection_dim": state["text_projection"].shape[-1] if "text_projection" in state else width,
+        "projection_dim": width if projection is None else projection.shape[0],
         "num_hidden_layers": len(used),
         "num_attention_heads": int(text_cfg.get("heads", width // 64)),  # open_clip's default head width: 64
         "max_position_embeddings": state["positional_embedding"].shape[0],
@@ -92,6 +119,21 @@ def hf_clip_text(identity: Mapping, state: Mapping[str, Tensor]) -> tuple[dict, 
         "torch_dtype": "float32",
     }
     return config, out
+
+
+def _check_end_token_pooling(model_name: str, text_cfg: Mapping) -> None:
+    """CLIPTextModel pools at the first end token (id 49407, its config's eos_token_id); open_clip's default "argmax"
+    pooling (the highest id: the end token, the last in CLIP's BPE vocabulary) and "eos" pooling on that id do the
+    same. Anything else (first or last position, no pooling) it cannot compute."""
+    pool_type = text_cfg.get("pool_type", "argmax")
+    eos_id = text_cfg.get("eos_id", 2)  # open_clip's TextTransformer default
+    if pool_type == "argmax" or (pool_type == "eos" and eos_id == 49407):
+        return
+    raise ValueError(
+        f"{model_name}'s text tower pools with pool_type={pool_type!r}"
+        + (f" on eos_id={eos_id}" if pool_type == "eos" else "")
+        + "; CLIPTextModelWithProjection pools at the end token (49407), so its text_embeds would differ"
+    )
 
 
 def openclip_text_cfg(model_name: str, pretrained: str | None = None) -> tuple[dict, bool]:
