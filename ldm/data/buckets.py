@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 import torch
 from PIL import Image
 
-from ldm.data.transforms import CROPS, displayed_size, resize_crop, source_size
+from ldm.data.transforms import CROPS, as_displayed, displayed_size, resize_crop, source_size
 
 Size = tuple[int, int]  # (height, width)
 MICRO_KEYS = ("original_size", "crop_coords", "target_size")  # what a bucketed sample carries, (2,) each
@@ -114,7 +114,8 @@ class BucketTransform:
     Used as an `ImageDecoder` transform: `resolution` (the base side) is the smallest side JPEG draft decoding may
     reduce an image to, which is enough to cover any nearest bucket without upscaling (a bucket's short side is at
     most base and its long side at most base · sqrt(ratio)). The placement of the latest call is kept in `last`
-    for `BucketDecoder` (each DataLoader worker has its own copy).
+    for `BucketDecoder` (each DataLoader worker has its own copy). Horizontal flips are off by default, as in
+    `ImageTransform`: they contradict captions that say "left" or "right" (captions are not rewritten).
     """
 
     def __init__(
@@ -192,19 +193,21 @@ class BucketDecoder:
 
 
 def _original_size(sample: dict, image_keys: Sequence[str]) -> Size | None:
-    """(h, w) before any resizing: img2dataset's json original_height / original_width, else the stored image's
-    header (EXIF rotation applied), read without decoding; None if neither can be read."""
+    """(h, w) before any resizing, as the image is shown: img2dataset's json original_height / original_width
+    (transposed for an EXIF-rotated image: `as_displayed`), else the stored image's header (EXIF rotation applied),
+    read without decoding; None if neither can be read."""
+    original = None
     try:
         meta = json.loads(sample["json"]) if "json" in sample else None
         h, w = meta.get("original_height"), meta.get("original_width")
         if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0:
-            return h, w
+            original = (w, h)
     except Exception:  # a caption-less or odd json is the caption decoder's business, not ours
         pass
     key = next((k for k in image_keys if k in sample), None)
     try:
         with Image.open(io.BytesIO(sample[key])) as image:
-            w, h = displayed_size(image)
+            w, h = displayed_size(image) if original is None else as_displayed(original, image)
             return h, w
     except Exception:
-        return None
+        return None if original is None else original[::-1]

@@ -19,6 +19,7 @@ The streams add each sample's ``caption_source`` ("none" for the empty prompt); 
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping
 
@@ -40,8 +41,9 @@ class CaptionMix:
                 raise ValueError("captions: 'json.' needs a field name, e.g. json.recaption")
             if name == "json" or not name:
                 raise ValueError(f"captions: source {name!r} is not a text member or json.<field>")
-            if weight is None or float(weight) < 0:
-                raise ValueError(f"captions: weight of {name!r} must be >= 0, got {weight}")
+            # a NaN or infinite weight cannot be renormalised (its source would never be drawn)
+            if weight is None or not math.isfinite(float(weight)) or float(weight) < 0:
+                raise ValueError(f"captions: weight of {name!r} must be finite and >= 0, got {weight}")
             self.sources.append((name, float(weight)))
         if sum(w for _, w in self.sources) <= 0:
             raise ValueError("captions: at least one source needs a weight > 0")

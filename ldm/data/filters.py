@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from ldm.data.transforms import displayed_size
+from ldm.data.transforms import as_displayed, displayed_size
 
 FIELD_NAMES: tuple[str, ...] = ("width", "height", "aesthetic", "punsafe", "pwatermark", "clip_similarity")
 
@@ -92,7 +92,8 @@ def _number(value) -> float | None:
 class SampleFilter:
     """Drop samples by their metadata, before decoding. Every threshold is optional (None: not checked).
 
-    min_width, min_height: of the source image (json sizes, else the image header when `size_from_image`).
+    min_width, min_height: of the source image as shown (json sizes, else the image header when
+        `size_from_image`, which also turns json sizes of an EXIF-rotated image: `as_displayed`).
     min_aspect_ratio, max_aspect_ratio: width / height.
     min_aesthetic, max_punsafe, max_pwatermark, min_clip_similarity: json scores (see `fields`).
     min_caption_length, max_caption_length: characters of the caption after stripping.
@@ -189,8 +190,8 @@ class SampleFilter:
 
     def _size_reason(self, meta: dict, image: bytes | None) -> str | None:
         width, height = self.value(meta, "width"), self.value(meta, "height")
-        if (width is None or height is None) and self.size_from_image and image is not None:
-            width, height = _header_size(image) or (width, height)
+        if self.size_from_image and image is not None:
+            width, height = _header_size(image, (width, height)) or (width, height)
         if width is None or height is None or width <= 0 or height <= 0:
             if self.missing == "keep":
                 return None
@@ -222,11 +223,14 @@ def _parse_json(data: bytes | str | None) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def _header_size(data: bytes) -> tuple[int, int] | None:
+def _header_size(data: bytes, json_size: tuple[float | None, float | None]) -> tuple[float, float] | None:
     """(width, height) as shown (EXIF orientation applied, as decoding does) from the image header alone (no pixel
-    data decoded); None when it cannot be read (the decoder then counts the sample as a decode error)."""
+    data decoded): the json's size turned as the image is shown (`as_displayed`), else the header's own; None when
+    the header cannot be read (the decoder then counts the sample as a decode error)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return displayed_size(image)
+            if None in json_size:
+                return displayed_size(image)
+            return as_displayed(json_size, image)
     except Exception:  # PIL raises many types, DecompressionBombError included
         return None

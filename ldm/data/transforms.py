@@ -31,10 +31,16 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     if image.mode == "RGB" and "transparency" not in image.info:
         return image
     if image.mode in _SIXTEEN_BIT_MODES or image.mode == "I":
-        values = np.asarray(image).astype(np.float32)
+        raw = np.asarray(image)
+        values = raw.astype(np.float32)
         if image.mode in _SIXTEEN_BIT_MODES or values.max() > 255:
             values = values / 257.0
-        image = Image.fromarray(values.round().clip(0, 255).astype(np.uint8), "L")
+        grey = values.round().clip(0, 255).astype(np.uint8)
+        key = image.info.get("transparency")
+        if isinstance(key, int):  # a tRNS grey level, in 16-bit values: kept as alpha, "L" would lose it
+            image = Image.fromarray(np.stack([grey, np.where(raw == key, 0, 255).astype(np.uint8)], -1), "LA")
+        else:
+            image = Image.fromarray(grey, "L")
     elif image.mode == "F":
         image = Image.fromarray(np.asarray(image).round().clip(0, 255).astype(np.uint8), "L")
     if image.mode in ("P", "L", "RGB") and "transparency" in image.info:
@@ -85,12 +91,45 @@ _ORIENTATIONS = {
     7: (True, True, True),
     8: (True, False, True),
 }
+# EXIF orientation → the transpose that shows the image upright (as ImageOps.exif_transpose does)
+_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def displayed_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) of an opened image as shown, its EXIF orientation applied (from the header alone)."""
     swapped = _ORIENTATIONS.get(image.getexif().get(_ORIENTATION, 1), (False,))[0]
     return image.size[::-1] if swapped else image.size
+
+
+def as_displayed(size: tuple[int, int], image: Image.Image) -> tuple[int, int]:
+    """A (width, height) from the json → in the orientation `image` is shown (and decoded) in.
+
+    img2dataset measures its json sizes with cv2's IMREAD_UNCHANGED, which ignores EXIF orientation, and keeps the
+    downloaded bytes (EXIF included) when it does not re-encode: for a rotated photo those sizes are transposed.
+    They are swapped when they are landscape/portrait like the stored pixels and unlike the displayed image; a size
+    already measured as displayed (or an unrotated image) is returned as it is. A PNG without an eXIf chunk before
+    its pixel data counts as unrotated: Pillow's getexif() would decode the whole image to look further.
+    """
+    if image.format == "PNG" and "exif" not in image.info:
+        return size
+    stored, shown = image.size, displayed_size(image)
+    width, height = size
+    if (
+        shown != stored
+        and stored[0] != stored[1]
+        and width != height
+        and (width > height) == (stored[0] > stored[1])
+    ):
+        return height, width
+    return size
 
 
 def draft_geometry(image: Image.Image) -> DraftGeometry | None:
@@ -138,7 +177,10 @@ def decode_image(data: bytes, min_size: int | None = None, exif_transpose: bool 
             orientation = image.getexif().get(_ORIENTATION, 1)
             if orientation in _ORIENTATIONS:  # exif_transpose also copies untagged images: skip those
                 swapped, x_reversed, y_reversed = _ORIENTATIONS[orientation]
-                image = ImageOps.exif_transpose(image)
+                try:
+                    image = ImageOps.exif_transpose(image)
+                except Exception:  # it re-writes the EXIF block and fails on a malformed tag: turn the pixels
+                    image = image.transpose(_TRANSPOSES[orientation])
         image = to_rgb(image)
         if scale > 1:
             if swapped:
