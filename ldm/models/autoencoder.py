@@ -40,8 +40,13 @@ class DiagonalGaussian:
         return self.mean
 
     def kl(self) -> Tensor:
-        """KL(q || N(0, I)) per sample, summed over C, H, W: (B,)."""
-        return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=(1, 2, 3))
+        """KL(q || N(0, I)) per sample, summed over C, H, W: (B,), in fp32.
+
+        Under bf16 autocast the encoder hands over bf16 (mean, logvar), and a CPU autocast keeps exp/pow/sum in
+        bf16: a sum over thousands of latent values rounded to 8 significant bits. (CUDA autocast runs these in
+        fp32 already.)"""
+        mean, logvar = self.mean.float(), self.logvar.float()
+        return 0.5 * torch.sum(mean.pow(2) + logvar.exp() - 1.0 - logvar, dim=(1, 2, 3))
 
     def nll(self, x: Tensor) -> Tensor:
         """-log q(x) per sample, summed over C, H, W: (B,)."""
