@@ -92,6 +92,7 @@ def _sample(cfg: DictConfig, ckpt: str, device: str, out_dir: str, batch: dict |
         "checkpoint": str(ckpt),
         "use_ema": cfg.use_ema,
         "guide_ckpt": cfg.guide_ckpt,
+        "device": torch.device(device).type,  # a stochastic sampler's image depends on it (docs/sampling.md)
     }
     if "posthoc_ema" in bundle:
         extra["posthoc_ema_sigma_rel"] = bundle["posthoc_ema"]["sigma_rel"]

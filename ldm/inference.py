@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -157,7 +158,7 @@ class TextToImage:
     @torch.no_grad()
     def __call__(
         self,
-        prompts: Sequence[str],
+        prompts: str | Sequence[str],
         sampler: Callable,
         guidance_scale: float = 5.0,
         seeds: Sequence[int] | None = None,
@@ -172,7 +173,8 @@ class TextToImage:
         negative_prompt: str | Sequence[str] | None = None,
         guidance_interval: Sequence[float] | None = None,
     ) -> Tensor:
-        """Images (B, 3, H, W) in [0, 1]; seed i fixes the initial noise of prompt i whatever the batch.
+        """Images (B, 3, H, W) in [0, 1]; seed i fixes the initial noise of prompt i whatever the batch. A single
+        string is one prompt (a str is also a sequence of one-character strings).
 
         txt2img without ``init_image``. img2img: ``init_image`` (B or 1, 3, H, W) in [0, 1] and ``strength``.
         Inpainting (any model): also ``mask`` (B or 1, 1, H, W), 1 = repaint, 0 = keep; a latent cell is repainted
@@ -187,6 +189,7 @@ class TextToImage:
         With a guide model (`load_guide`) the guidance is autoguidance: the guide's conditional output takes the
         unconditional one's place (`ldm.diffusion.autoguidance`).
         """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if init_image is not None:
             height, width = init_image.shape[-2:]
         height, width = height or self.image_size[0], width or self.image_size[1]
@@ -233,7 +236,7 @@ class TextToImage:
                 interval=interval,
                 sigma_at=self.diffusion.sigma_at,
             )
-        generator = torch.Generator(self.device).manual_seed(int(seeds[0]))
+        generator = torch.Generator(self.device).manual_seed(step_noise_seed(seeds[0]))
         z = sampler(
             model_fn, self.diffusion, noise.to(self.device), generator=generator, progress=progress, init=init
         )
@@ -320,6 +323,14 @@ class TextToImage:
         return pipe.to(device), bundle
 
 
+def step_noise_seed(seed: int) -> int:
+    """The seed of a batch's step-noise generator (stochastic samplers), derived from its first image's seed but
+    not equal to it: a CPU generator seeded like that image's initial noise replays it as the first fresh noise the
+    sampler adds to that image, which then carries too much noise along it (and is not a sample of the model).
+    numpy's SeedSequence of (seed, 1) mixes the bits the same on every platform and version."""
+    return int(np.random.SeedSequence([int(seed) % 2**64, 1]).generate_state(1, np.uint64)[0])
+
+
 def _same_state(a: nn.Module, b: nn.Module) -> bool:
     """The same tensors under the same names (parameters and buffers)."""
     sa, sb = a.state_dict(), b.state_dict()
@@ -344,9 +355,12 @@ def load_autoencoder(
 
 
 def read_prompts(
-    prompts: Sequence[str] | None = None, prompts_file: str | os.PathLike | None = None
+    prompts: str | Sequence[str] | None = None, prompts_file: str | os.PathLike | None = None
 ) -> list[str]:
-    """Prompts from a list and/or a text file (one per line; blank lines and lines starting with # skipped)."""
+    """Prompts from a list (a string is one prompt) and/or a text file (one per line; blank lines and lines
+    starting with # skipped)."""
+    if isinstance(prompts, str):  # `sample.py prompts='a red circle'`: Hydra reads it as a string, not a list
+        prompts = [prompts] if prompts.strip() else []
     out = [str(p) for p in (prompts or [])]
     if prompts_file:
         lines = Path(prompts_file).read_text(encoding="utf-8").splitlines()

@@ -187,7 +187,7 @@ def write_samples(
     and the prompt under each row) and an overview `grid.png` (a row per prompt); returns the overview's path.
 
     Image j of every prompt starts from the noise of seed `job.seed + j`, whatever the other prompts; the step noise
-    of stochastic samplers comes from one generator per batch (seeded by its first seed), so with those an image
+    of stochastic samplers comes from one generator per batch (seeded from its first seed), so with those an image
     depends on its batch, which the metadata records.
     Each PNG's metadata holds the settings and the batch it was sampled in, from which `reproduce` rebuilds it.
     """

@@ -400,6 +400,7 @@ def test_sample_cli_writes_grid_and_png_metadata(ldm_run, tmp_path):
     meta = read_png_metadata(images[1])
     assert meta["prompt"] == "a red circle on a blue background" and meta["seed"] == 6
     assert meta["steps"] == 3 and meta["guidance_scale"] == 2.5 and meta["sampler"] == "DDIMSampler"
+    assert meta["device"] == "cpu"  # what a stochastic sampler's reproduce= needs alike
     with Image.open(out / "grid.png") as grid:
         assert grid.width > 2 * 32
         assert json.loads(grid.text["ldm"])["prompts"][1] == "a green square on a white background"
