@@ -171,11 +171,15 @@ def main() -> None:
     )
     parser.add_argument("--cases", default="tiny_32,mid_256", help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps (at least 1: the clock starts when one ends)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (decoding the raw images)")
     parser.add_argument("--json", default="bench/results/cached_vs_raw.json")
     parser.add_argument("--markdown", default="docs/benchmarks.md", help="append a table here ('' to skip)")
     args = parser.parse_args()
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1 (the clock starts at the end of a step)")
 
     results = []
     for name in args.cases.split(","):

@@ -88,7 +88,8 @@ def compare(size: str, case: Case, rounds: int, steps: int, profile: bool = Fals
         return (time.perf_counter() - t0) / n
 
     for name in models:
-        step(name, case.warmup)
+        if case.warmup:  # --warmup 0: none (and no division by zero)
+            step(name, case.warmup)
     times: dict[str, list[float]] = {"ours": [], "diffusers": []}
     for r in range(rounds):
         order = ("ours", "diffusers") if r % 2 == 0 else ("diffusers", "ours")

@@ -139,9 +139,11 @@ def fast_path_variants(gpu: bool, with_compile: bool) -> list[tuple[str, dict]]:
     return variants
 
 
-def max_batch(args, size: str, grad_ckpt: bool, fits: int | None = None) -> dict:
+def max_batch(args, size: str, grad_ckpt: bool, fits: int | None = None, timed: dict | None = None) -> dict:
     """Largest power-of-two batch (from the size's default up, or above `fits`, a batch known to fit) whose
-    training step fits, then timed at it."""
+    training step fits, then timed at it. `timed`: a result with these settings already timed at `fits` (the
+    defaults row), relabelled when no larger batch fits instead of timed again."""
+    known = fits
     batch = 2 * fits if fits else SIZES[size]["batch"]["cuda"]
     while batch <= 4096:
         probe = spawn({**_base(args, size), "batch": batch, "iters": 2, "warmup": 1, "grad_ckpt": grad_ckpt})
@@ -151,6 +153,8 @@ def max_batch(args, size: str, grad_ckpt: bool, fits: int | None = None) -> dict
     if fits is None:
         return probe
     label = f"largest batch{' + gradient checkpointing' if grad_ckpt else ''}"
+    if fits == known and timed is not None:
+        return {**timed, "case": {**timed["case"], "label": label}}
     return spawn({**_base(args, size), "batch": fits, "grad_ckpt": grad_ckpt, "label": label})
 
 
@@ -167,17 +171,20 @@ def mode_fastpaths(args) -> tuple[list[dict], list[str]]:
         (defaults, _), *variants = fast_path_variants(gpu, args.compile or search)
         results.append(spawn({**_base(args, size), "label": defaults}))
         fits = None if "error" in results[-1] else results[-1]["case"]["batch"]
-        largest = max_batch(args, size, False, fits) if search else None
+        largest = max_batch(args, size, False, fits, results[-1]) if search else None
         if largest is not None:  # issue 8's headline (SD2, 256 px, the largest batch) before the variants
             results.append(largest)
         for label, overrides in variants:
             results.append(spawn({**_base(args, size), **overrides, "label": label}))
-        if largest and "error" not in largest and _faster_than_defaults(results, size, "torch.compile"):
+        # at the defaults' batch, compiled is the torch.compile row already timed
+        bigger = largest and "error" not in largest and largest["case"]["batch"] != fits
+        if bigger and _faster_than_defaults(results, size, "torch.compile"):
             # the best this GPU does: compiled at the largest eager batch (compiling needs no more memory)
             label = "largest batch + torch.compile"
             results.append(spawn({**largest["case"], "compile": True, "label": label}))
-        if search:
-            results.append(max_batch(args, size, grad_ckpt=True))
+        if search:  # checkpointing needs less memory: start above the largest batch that fits without it
+            above = largest["case"]["batch"] if "error" not in largest else None
+            results.append(max_batch(args, size, grad_ckpt=True, fits=above))
         if gpu or args.encode:  # the VAE encoder of runs on raw images (CPU: slow, only with --encode)
             for label, overrides in (
                 ("VAE encode (kl_f8, 256 px)", {}),
@@ -491,10 +498,10 @@ def machine() -> dict:
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
-    try:
-        meta["commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-        ).stdout.strip()
+    try:  # "-dirty": tracked files differ from the commit, so the code measured is not exactly that commit's
+        git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT).stdout  # noqa: E731
+        dirty = git("status", "--porcelain", "--untracked-files=no").strip()
+        meta["commit"] = git("rev-parse", "--short", "HEAD").strip() + ("-dirty" if dirty else "")
     except OSError:
         meta["commit"] = None
     try:

@@ -8,7 +8,9 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from bench.train_step import SIZES, Case, count_flops, make_inputs, run_case, unet_kwargs
 from ldm.models import CrossAttentionUNet
@@ -95,6 +97,31 @@ def test_diffusers_twin_has_our_architecture(size):
     assert shapes(ours) == shapes(theirs)
 
 
+@pytest.mark.parametrize("size", ["tiny", "mid"])
+def test_diffusers_twin_does_our_flops_with_our_heads(size):
+    """Same FLOPs forward and backward (attention included: on the meta device both models' SDPA counts as its two
+    matmuls) and the same head count in every attention, so the speed ratio compares like with like."""
+    from diffusers.models.attention_processor import Attention
+
+    from bench.diffusers_unet import _theirs_fn, diffusers_twin
+
+    kwargs = unet_kwargs(size)
+    with torch.device("meta"):
+        ours, theirs = CrossAttentionUNet(**kwargs), diffusers_twin(kwargs)
+    x, t, context, target = (v.to("meta") for v in make_inputs(size, 2, torch.device("cpu")))
+
+    def flops(model) -> tuple[int, int]:
+        with FlopCounterMode(display=False) as fwd:
+            loss = F.mse_loss(model(x, t, context), target)
+        with FlopCounterMode(display=False) as bwd:
+            loss.backward()
+        return fwd.get_total_flops(), bwd.get_total_flops()
+
+    assert flops(_theirs_fn(theirs)) == flops(ours) == count_flops(size, 2)
+    heads = lambda m, kind: sorted(a.heads for a in m.modules() if isinstance(a, kind))  # noqa: E731
+    assert heads(ours, CrossAttention) == heads(theirs, Attention) != []
+
+
 def test_diffusers_comparison_interleaves_and_reports_a_ratio():
     from bench.diffusers_unet import compare
 
@@ -104,6 +131,39 @@ def test_diffusers_comparison_interleaves_and_reports_a_ratio():
     assert result["speed_ratio"] == pytest.approx(
         sorted(result["ratios"])[0] / 2 + sorted(result["ratios"])[1] / 2
     )
+
+
+def test_diffusers_comparison_runs_with_no_warmup():
+    """--warmup 0 (`bench/run.py diffusers --warmup 0`) times the rounds only; it used to divide by zero."""
+    from bench.diffusers_unet import compare
+
+    result = compare("tiny", Case(size="tiny", batch=1, warmup=0), rounds=1, steps=1)
+    assert len(result["ratios"]) == 1 and result["speed_ratio"] > 0
+
+
+def test_peak_memory_is_the_training_steps_not_what_runs_after_them(monkeypatch):
+    """The peak is read right after the timed steps: neither the FLOP count nor a CPU peak measured afterwards (a
+    case started without run.py's cpu_peak, as `python bench/train_step.py '{...}'`) may add to it."""
+    import bench.train_step as train_step
+
+    def matmul_peak(dtype="fp32", n=2048):  # stands in for the 2048³ matmuls: 512 MiB written after the steps
+        torch.ones(2**27).sum()
+        return 1.0
+
+    monkeypatch.setattr(train_step, "cpu_matmul_tflops", matmul_peak)
+    result = run_case(Case(size="tiny", batch=1, iters=1, warmup=0))
+    assert result["peak_tflops"] == 1.0 and "error" not in result
+    assert result["peak_mem_gb"] < 0.25
+
+
+def test_machine_says_when_the_tree_is_not_the_commit():
+    """The markdown's and the JSON's commit: with uncommitted changes to tracked files, the code measured is not
+    that commit's, and the record says so (`-dirty`)."""
+    from bench.run import machine
+
+    status = ["git", "status", "--porcelain", "--untracked-files=no"]
+    dirty = bool(subprocess.run(status, cwd=ROOT, capture_output=True, text=True).stdout.strip())
+    assert machine()["commit"].endswith("-dirty") == dirty
 
 
 @pytest.mark.slow
@@ -184,8 +244,12 @@ def test_gpu_plan_finds_the_largest_batch_first_and_compiles_at_it(monkeypatch):
 
     import bench.run as bench_run
 
+    probes = []  # (batch, grad_ckpt) of each unlabelled case: the largest-batch search's tries
+
     def case_process(case: dict, timeout: float = 3600) -> dict:
         case = asdict(Case(**{**case, "device": "cuda"}).resolve())
+        if not case["label"]:
+            probes.append((case["batch"], case["grad_ckpt"]))
         if case["batch"] > (1024 if case["grad_ckpt"] else 256):
             return {"case": case, "error": "out of memory"}
         speed = case["batch"] * (2.0 if case["compile"] else 1.0)
@@ -221,9 +285,52 @@ def test_gpu_plan_finds_the_largest_batch_first_and_compiles_at_it(monkeypatch):
         ("largest batch + torch.compile", 256),
         ("largest batch + gradient checkpointing", 1024),
     ]
+    # each probe is a process that builds the model and steps it: the search with checkpointing starts above the
+    # largest batch that fits without (which fits with it too), not again from batch 64
+    assert probes == [(128, False), (256, False), (512, False), (512, True), (1024, True), (2048, True)]
     best = next(r for r in results if r["case"]["label"] == "largest batch + torch.compile")
     assert best["case"]["compile"] and not best["case"]["grad_ckpt"]
     assert "| sd2 | largest batch + torch.compile | 256 | 512.00 | **8.00×** |" in "\n".join(rows)
+
+
+def test_gpu_plan_does_not_time_the_defaults_twice_when_no_larger_batch_fits(monkeypatch):
+    """A card where only the default batch (64) fits: the defaults row is the largest batch, reused, not timed again
+    in a process of its own, and compile at the largest batch is the torch.compile row already there."""
+    import argparse
+    from dataclasses import asdict
+
+    import bench.run as bench_run
+
+    spawned = []
+
+    def case_process(case: dict, timeout: float = 3600) -> dict:
+        case = asdict(Case(**{**case, "device": "cuda"}).resolve())
+        spawned.append((case["label"], case["batch"]))
+        if case["batch"] > (128 if case["grad_ckpt"] else 64):
+            return {"case": case, "error": "out of memory"}
+        speed = case["batch"] * (2.0 if case["compile"] else 1.0)
+        return {"case": case, "images_per_s": speed, "tflops": 1.0, "mfu": 0.5, "peak_mem_gb": 1.0}
+
+    monkeypatch.setattr(bench_run, "spawn", case_process)
+    monkeypatch.setattr(bench_run, "_on_gpu", lambda: True)
+    args = argparse.Namespace(
+        fast_sizes=["sd2"],
+        quick=False,
+        compile=False,
+        encode=False,
+        batch=None,
+        iters=5,
+        warmup=2,
+        cpu_peak={},
+    )
+    results, rows = bench_run.mode_fastpaths(args)
+    assert spawned.count(("defaults", 64)) == 1 and ("largest batch", 64) not in spawned
+    assert ("largest batch + torch.compile", 64) not in spawned
+    largest = next(r for r in results if r["case"]["label"] == "largest batch")
+    assert largest["case"]["batch"] == 64 and largest["images_per_s"] == 64
+    assert "| sd2 | largest batch | 64 | 64.00 | **1.00×** |" in "\n".join(rows)
+    ckpt = next(r for r in results if r["case"]["label"] == "largest batch + gradient checkpointing")
+    assert ckpt["case"]["batch"] == 128 and ckpt["case"]["grad_ckpt"]
 
 
 def test_sizes_are_the_documented_ones():
