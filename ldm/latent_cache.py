@@ -30,6 +30,7 @@ from ldm.data.latents import (
 )
 from ldm.data.transforms import ImageTransform, SampleError, decode_caption
 from ldm.data.webdataset import ImageDecoder, SkipCounter, TarSamples, expand_urls
+from ldm.utils.checkpoint import fsync_dir, fsync_file
 
 
 def cache_info(
@@ -205,6 +206,9 @@ def cache_latents(
     (resolution, crop, buckets: the bucket spec and sizes, or null; filters: their thresholds, or null; flips); rank 0
     writes it, and a cache made with different settings is refused rather than mixed.
     """
+    # rank 3 of 2 would take rank 1's shards: two processes writing one temporary file
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     out_dir = Path(out_dir)
     transform = _cache_transform(autoencoder, resolution, crop, buckets)
     keep = SampleFilter.build(filters)
@@ -255,7 +259,9 @@ def cache_latents(
             report.sizes[size] = report.sizes.get(size, 0) + len(batch["key"])
         if batch["last"]:
             writer.close()
+            fsync_file(tmp)  # a resumed job trusts every named shard: a power loss must not leave one empty
             os.replace(tmp, out_dir / shard_name(url))
+            fsync_dir(out_dir)
             del writers[url]
             report.shards_written += 1
             for reason, n in batch["skipped"].items():

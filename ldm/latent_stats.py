@@ -53,12 +53,14 @@ class LatentMoments:
         self.sums += torch.stack([z.sum(1), z.square().sum(1), torch.full_like(z[:, 0], z.shape[1])])
 
     def stats(self, pool: bool = True) -> LatentStats:
-        """Mean and std over everything seen, on this rank only or (`pool`) over all ranks, which must all call."""
-        sums = self.sums.clone()
+        """Mean and std over everything seen, on this rank only or (`pool`) over all ranks, which must all call;
+        `num_samples` counts the images of the same ranks as the statistics."""
+        sums, num_samples = self.sums.clone(), self.num_samples
         if pool and (device := collective_device()) is not None:
-            sums = sums.to(device)
-            dist.all_reduce(sums)
-            sums = sums.cpu()
+            packed = torch.cat([sums.flatten(), sums.new_tensor([num_samples])]).to(device)
+            dist.all_reduce(packed)
+            packed = packed.cpu()
+            sums, num_samples = packed[:-1].view_as(sums), int(packed[-1])
         total, total_sq, count = sums
         if float(count.sum()) == 0:
             raise ValueError("no latents to measure: the data gave no samples")
@@ -71,7 +73,7 @@ class LatentMoments:
             std=float(var.sqrt()),
             channel_mean=channel_mean.tolist(),
             channel_std=channel_var.sqrt().tolist(),
-            num_samples=self.num_samples,
+            num_samples=num_samples,
         )
 
 

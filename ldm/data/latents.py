@@ -233,25 +233,59 @@ def encoder_digest(autoencoder_state: Mapping[str, torch.Tensor]) -> str:
     """sha256 (16 hex digits) of the autoencoder weights that make latents (`encoder.*`, `quant_conv.*`; names,
     dtypes, shapes and values): the same for a copy of a stage-1 checkpoint or one whose decoder alone was tuned,
     different for another step of the stage-1 run. A cache records it (`cache_info.json`: `encoder_sha256`) and
-    training compares it with its `autoencoder_ckpt`'s."""
+    training compares it with its `autoencoder_ckpt`'s.
+
+    16-bit floats are hashed as their exact float32 values: the cache hashes the loaded (float32) module, training
+    the checkpoint as stored, which is bf16 after `precision: bf16-true`; float32 weights hash as before."""
     digest = hashlib.sha256()
     names = sorted(k for k in autoencoder_state if k.startswith(ENCODING_WEIGHTS))
     if not names:
         raise ValueError("no encoder weights (encoder.*, quant_conv.*) in this autoencoder state dict")
     for name in names:
         tensor = autoencoder_state[name].detach().cpu().contiguous()
+        if tensor.dtype in (torch.float16, torch.bfloat16):
+            tensor = tensor.float()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
+CACHE_KEYS_THAT_MUST_AGREE = (
+    "autoencoder",
+    "encoder_sha256",
+    "resolution",
+    "buckets",
+    "flips",
+    "text_encoder",
+)
+
+
 def read_cache_info(urls: str | Sequence[str]) -> dict | None:
-    """The `cache_info.json` beside the first local shard of `urls`, or None (remote shards, or no file)."""
-    first = expand_urls(urls)[0]
-    if first.startswith("pipe:") or "://" in first:
+    """The `cache_info.json` beside the first local shard of `urls`, or None (remote shards, or no file).
+
+    `urls` may span several cache folders (`a/{0..9}.tar::b/{0..9}.tar`): training checks the first folder's info
+    only, so every other local folder's must agree with it on what training checks (`CACHE_KEYS_THAT_MUST_AGREE`),
+    or latents of another encoder, size or text encoder would pass unnoticed."""
+    shards = expand_urls(urls)
+    local = [u for u in shards if not (u.startswith("pipe:") or "://" in u)]
+    first = shards[0]
+    if first not in local:
         return None
     path = Path(first).parent / CACHE_INFO
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    for folder in dict.fromkeys(Path(u).parent for u in local):
+        if not (folder / CACHE_INFO).is_file():
+            continue
+        other = json.loads((folder / CACHE_INFO).read_text())
+        for key in CACHE_KEYS_THAT_MUST_AGREE:
+            if key in info and key in other and info[key] != other[key]:
+                raise ValueError(
+                    f"the cached latents in {folder} were made with a different {key!r} ({other[key]!r}) than "
+                    f"those in {path.parent} ({info[key]!r}): a run trains on caches of one kind only"
+                )
+    return info
 
 
 def write_cache_info(out_dir: str | os.PathLike, info: dict) -> Path:
