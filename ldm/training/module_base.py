@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import lightning as L
 import torch
 import torch.distributed as dist
@@ -52,6 +54,19 @@ class LDMModuleBase(L.LightningModule):
 
     def complete_state_dict(self, state: dict) -> None:
         """Add, in place, what a checkpoint's `state_dict` leaves out on purpose (see DiffusionModule)."""
+
+    def on_fit_start(self) -> None:
+        """Each rank its own torch random stream: `seed_everything(cfg.seed)` seeds every rank alike, so all ranks
+        drew the same timesteps, noise, caption-dropout masks and posterior samples, and a global batch held only
+        one device's worth of (t, noise) pairs. Composer (MosaicML's SD2 training) seeds each process with
+        seed + rank for this reason. The seed is a hash of the run's seed and the rank: reproducible, and drawn
+        here, after the weights are initialised (alike on all ranks) and before the loader starts and a resume
+        restores each rank's saved state (ExactResumeCallback). A single process keeps seed_everything's stream."""
+        if self.trainer.world_size <= 1:
+            return
+        key = f"{torch.initial_seed()}/rank{self.trainer.global_rank}".encode()
+        digest = hashlib.blake2b(key, digest_size=8).digest()
+        torch.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))  # CPU and every CUDA device
 
     def configure_optimizers(self):
         max_steps = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
