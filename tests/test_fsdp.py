@@ -90,3 +90,49 @@ def test_every_compiled_block_gets_its_graph():
             assert counters["stats"]["unique_graphs"] > 8
         finally:
             torch._dynamo.reset()
+
+
+def test_bf16_sharding_keeps_float_timesteps_and_sizes_exact(monkeypatch):
+    """Under `param_dtype=bf16` FSDP casts a unit's float inputs to bf16. The root unit's inputs include a flow
+    model's float timesteps (t = 815.3 reached the UNet as 816) and the micro-conditioning sizes: the root keeps
+    them as given; the blocks still compute in bf16."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    import ldm.models.unet as unet_module
+    from ldm.training.fsdp import shard_network
+
+    seen = []
+    embed = unet_module.timestep_embedding
+    monkeypatch.setattr(
+        unet_module, "timestep_embedding", lambda t, dim: seen.append(t.clone()) or embed(t, dim)
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        unet = CrossAttentionUNet(
+            model_channels=16,
+            channel_mult=[1, 2],
+            num_res_blocks=1,
+            attention_resolutions=[2],
+            head_dim=16,
+            context_dim=8,
+            num_groups=8,
+            pooled_dim=8,
+            micro_conditioning=True,
+        )
+        shard_network(unet, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+        t = torch.tensor([815.3, 999.0, 333.0])
+        micro = torch.tensor([[1023.0, 767.0, 3.0, 5.0, 1021.0, 769.0]]).expand(3, 6)
+        out = unet(torch.randn(3, 4, 8, 8), t, torch.randn(3, 5, 8), pooled=torch.randn(3, 8), micro=micro)
+        out.float().square().mean().backward()
+    finally:
+        dist.destroy_process_group()
+    assert seen[0].dtype == torch.float32 and torch.equal(seen[0], t)
+    assert torch.equal(seen[1], micro.flatten())
+    assert out.dtype == torch.bfloat16 and out.isfinite().all()

@@ -211,7 +211,7 @@ class CrossAttentionUNet(nn.Module):
         if self.pooled_proj is not None:
             if pooled is None:
                 raise ValueError("this UNet was built with pooled_dim and needs `pooled`")
-            emb = emb + self.pooled_proj(pooled)
+            emb = emb + self.pooled_proj(pooled.to(param_dtype))
         if self.micro_proj is not None:
             if micro is None:
                 raise ValueError("this UNet was built with micro_conditioning and needs `micro` (B, 6)")

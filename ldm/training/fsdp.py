@@ -171,12 +171,26 @@ class UNetFSDPStrategy(ModelParallelStrategy):
 
 def shard_network(net: nn.Module, **fully_shard_kwargs) -> None:
     """The sharding plan: each of `net.blocks()` one FSDP unit (gathered for its forward and backward, then freed),
-    `net` itself the root unit for the parameters outside the blocks."""
-    from torch.distributed.fsdp import fully_shard
+    `net` itself the root unit for the parameters outside the blocks.
+
+    The root does not cast its inputs to `param_dtype`: they include the timesteps, which a flow model gives as
+    floats in [0, 1000] (bf16 steps by 4 between 512 and 1024, so t = 815.3 reached the UNet as 816) and the
+    micro-conditioning sizes; the UNet casts its embeddings to its weights' dtype itself, and each block unit
+    still casts the activations it is given."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     for block in net.blocks():
         fully_shard(block, **fully_shard_kwargs)
-    fully_shard(net, **fully_shard_kwargs)
+    root_kwargs = dict(fully_shard_kwargs)
+    policy = root_kwargs.get("mp_policy")
+    if policy is not None:
+        root_kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=policy.param_dtype,
+            reduce_dtype=policy.reduce_dtype,
+            output_dtype=policy.output_dtype,
+            cast_forward_inputs=False,
+        )
+    fully_shard(net, **root_kwargs)
 
 
 def _names_in_group_order(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
