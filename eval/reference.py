@@ -7,7 +7,12 @@ FD_DINOv2) with the run's resize protocol.
 
 A cache file holds `mu`, `sigma` (float64, as pytorch-fid / clean-fid `.npz` files do), the float32 features
 (KID and precision / recall need samples, not moments) and a JSON `info` record. Its name is a hash of everything that changes the
-numbers: shard URLs, resolution, crop, resize protocol, image count and the feature extractor's weights.
+numbers: shard URLs (and, for local shards, their sizes and modification times: shards rewritten in place are another
+reference set), resolution, crop, decode, resize protocol, image count and the feature extractor's weights.
+
+Images are decoded in full before the resize: libjpeg's reduced decode (`decode_image(min_size=)`, which training
+uses for speed) is a different filter and moves pixels of large photos by up to ~20 levels.
+
 An existing `.npz` with `mu` and `sigma` (e.g. published statistics) can also be passed instead of shards.
 """
 
@@ -25,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from eval.distributed import DistContext, IndexedFeatures, barrier
+from eval.distributed import DistContext, IndexedFeatures, barrier, is_distributed
 from eval.features import split_output
 from ldm.data.latents import read_cache_info
 from ldm.data.transforms import ImageTransform, SampleError, decode_image
@@ -97,13 +102,24 @@ def reference_key(
     """Hash of everything that changes the statistics."""
     spec = {
         "urls": list(urls),
+        "files": [_file_signature(u) for u in urls],
         "resolution": resolution,
         "crop": crop,
+        "decode": "full",
         "num_images": num_images,
         "resize": extractor["resize"],
         "weights_sha256": extractor["weights_sha256"],
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_signature(url: str) -> list[int] | None:
+    """(size, modification time in ns) of a local shard; None for a remote one (its URL alone keys it)."""
+    path = Path(url.removeprefix("file:")).expanduser()
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def reference_images(
@@ -121,7 +137,7 @@ def reference_images(
             continue  # not an image sample (a stray member): does not count
         if index % world_size == rank:
             try:
-                image = decode_image(sample[image_key], min_size=resolution)
+                image = decode_image(sample[image_key])  # in full: a reduced JPEG decode is another filter
                 x = transform(image)  # (3, R, R) in [-1, 1], exactly 8-bit levels
                 yield index, ((x + 1) * 127.5).round().to(torch.uint8)
             except Exception as exn:  # an undecodable image is skipped and counted, as in training
@@ -163,6 +179,7 @@ def compute_reference(
         "urls": shard_urls,
         "resolution": resolution,
         "crop": "center",
+        "decode": "full",
         "requested_images": num_images,
         "num_images": len(features),
         "feature_extractor": extractor.identity(),
@@ -207,6 +224,10 @@ def reference_stats(
         return load_reference(source)
     shard_urls = expand_urls(image_shards_of(source))
     key = reference_key(shard_urls, resolution, num_images, extractor.identity())
+    if is_distributed():  # rank 0's key: node-local copies of the shards can have other modification times
+        shared = [key]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        key = shared[0]
     path = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / f"fid_reference_{key}.npz"
     if path.is_file():
         stats = load_reference(path)
