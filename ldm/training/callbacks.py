@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch import callbacks
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from ldm.sampling import late_start_warning
 from ldm.training.fsdp import is_sharded
+from ldm.training.resume import PreemptionCallback, rng_state, set_rng_state
 from ldm.utils.images import labelled_grid, save_png
 
 
@@ -23,6 +26,49 @@ def _log_image(trainer: L.Trainer, key: str, image, caption: str) -> None:
 
 def _out_dir(trainer: L.Trainer, name: str) -> Path:
     return Path(trainer.default_root_dir) / name
+
+
+def _stepped(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether this batch ended an optimizer step: with gradient accumulation the other micro-batches carry the
+    count of the step before (also those of the first step after a resume from a checkpoint of a grid's step)."""
+    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+
+
+def _preempted(trainer: L.Trainer) -> bool:
+    """Whether training stopped on the preemption signal: the run is not at its end (its requeued job goes on), and
+    the time left before the kill is for the checkpoint and the requeue, not for end-of-training grids."""
+    return any(isinstance(c, PreemptionCallback) and c.preempted for c in trainer.callbacks)
+
+
+@contextmanager
+def _inference(module: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) without autograd, then every submodule's mode and the random generators as they were:
+    a grid (rank 0's alone) leaves training, and a resume from a checkpoint saved after it, as without it."""
+    modes, rng = [(m, m.training) for m in module.modules()], rng_state()
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        set_rng_state(rng)
+
+
+class LearningRateMonitor(callbacks.LearningRateMonitor):
+    """Lightning's, which refuses to start a run without a logger (`~logger`): such a run trains, its LR unlogged."""
+
+    def on_train_start(self, trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
 
 
 class SampleGridCallback(L.Callback):
@@ -58,11 +104,12 @@ class SampleGridCallback(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
+        due = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
+        if due and _stepped(trainer, batch_idx):
             self.make_grid(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.at_train_end:
+        if self.at_train_end and not _preempted(trainer):
             self.make_grid(trainer, pl_module)
 
     def caption(self, step: int) -> str:
@@ -120,6 +167,7 @@ class ReconstructionGridCallback(L.Callback):
         self.every_n_steps, self.num_images, self.at_train_end = every_n_steps, num_images, at_train_end
         self._batch = None
         self._held_out = None
+        self._last_step = -1
 
     def on_validation_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
@@ -130,17 +178,21 @@ class ReconstructionGridCallback(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._batch = batch["image"][: self.num_images].detach()
         step = trainer.global_step
-        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
+        due = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
+        if due and _stepped(trainer, batch_idx):
             self.make_grid(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.at_train_end and self._batch is not None:
+        done = trainer.global_step == self._last_step  # the last step's grid is made
+        if self.at_train_end and self._batch is not None and not done and not _preempted(trainer):
             self.make_grid(trainer, pl_module)
 
     @rank_zero_only
     def make_grid(self, trainer, pl_module) -> Path:
+        self._last_step = trainer.global_step
         x = (self._held_out if self._held_out is not None else self._batch).to(pl_module.device)
-        recon = pl_module.reconstruct(x)
+        with _inference(pl_module):
+            recon = pl_module.reconstruct(x)
         pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # (2N, C, H, W): input, output, input, output …
         grid = labelled_grid((pairs.cpu() + 1) / 2, ncols=2 * min(4, len(x)))
         path = save_png(grid, _out_dir(trainer, "reconstructions") / f"step_{trainer.global_step:07d}.png")
