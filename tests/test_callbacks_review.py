@@ -187,3 +187,28 @@ def test_a_stage1_run_without_a_logger_trains_and_saves_its_grids(synthetic_shar
     result = train(cfg)
     assert result["global_step"] == 2
     assert [p.name for p in (tmp_path / "reconstructions").glob("*.png")] == ["step_0000002.png"]
+
+
+def test_evaluation_once_per_optimizer_step_and_not_after_a_preemption(tmp_path, monkeypatch):
+    """The FID callback as the grids (it is the costliest of them: num_images samples and two feature extractors):
+    a resumed run with gradient accumulation does not evaluate the checkpoint's step again on the micro-batches
+    that still carry it, and there is no end-of-training evaluation after USR1."""
+    from ldm.training.eval_callback import EvalCallback
+
+    callback = EvalCallback(every_n_steps=2, at_train_end=True)
+    calls = []
+    monkeypatch.setattr(callback, "evaluate", lambda trainer, module: calls.append(trainer.global_step))
+    preemption = PreemptionCallback(signums=[])
+    trainer = _trainer(tmp_path, step=2, accumulate=4, callbacks=[preemption])
+    for batch_idx in range(8, 11):  # the first micro-batches of step 3, resumed from step 2's checkpoint
+        callback.on_train_batch_end(trainer, None, None, None, batch_idx)
+    assert calls == []
+    trainer.global_step = 4
+    callback.on_train_batch_end(trainer, None, None, None, 15)  # the micro-batch that stepped to 4
+    assert calls == [4]
+    preemption.preempted = True
+    callback.on_train_end(trainer, None)
+    assert calls == [4]
+    preemption.preempted = False  # a run that reached max_steps is evaluated at its end
+    callback.on_train_end(trainer, None)
+    assert calls == [4, 4]
