@@ -65,8 +65,12 @@ class InpaintMasks:
             mask = getattr(self, f"_{kind}")(height, width, generator)
             if 0 < mask.sum() < mask.numel():
                 return mask
-        mask = torch.zeros(1, height, width)  # tiny canvases: fall back to the left half
-        mask[..., : max(1, width // 2)] = 1
+        # tiny canvases: fall back to the left half (one column wide: the top half)
+        mask = torch.zeros(1, height, width)
+        if width > 1:
+            mask[..., : width // 2] = 1
+        else:
+            mask[:, : max(1, height // 2)] = 1
         return mask
 
     @staticmethod

@@ -31,6 +31,15 @@ def load_init_weights(module: L.LightningModule, ckpt: dict, path: str) -> None:
     unexpected = sorted(k for k in wanted if k not in own)
     if unexpected:
         raise ValueError(f"init_from={path} has weights this model lacks: {', '.join(unexpected[:5])} …")
+    misshapen = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in sorted(wanted.items())
+        if v.shape != own[k].shape
+    ]
+    if misshapen:
+        raise ValueError(
+            f"init_from={path} has weights of other shapes than this model's: {', '.join(misshapen[:5])}"
+        )
     module.load_state_dict(wanted, strict=False)
     new = sorted(k for k in own if k.startswith(prefixes) and k not in wanted)
     log.info(
