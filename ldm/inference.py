@@ -178,7 +178,8 @@ class TextToImage:
 
         txt2img without ``init_image``. img2img: ``init_image`` (B or 1, 3, H, W) in [0, 1] and ``strength``.
         Inpainting (any model): also ``mask`` (B or 1, 1, H, W), 1 = repaint, 0 = keep; a latent cell is repainted
-        when any of its pixels is, and with ``keep_unmasked_pixels`` the kept pixels are pasted back exactly.
+        when any of its pixels is ≥ 0.5, and with ``keep_unmasked_pixels`` the kept pixels are pasted back exactly
+        (blended by a soft mask's values).
         An inpainting-specialised UNet (`is_inpainting_unet`) is given the mask and the kept latents as input
         instead of having the kept region replaced at each step; without an image it is told to generate
         everything (txt2img).
@@ -277,7 +278,10 @@ class TextToImage:
                     f"mask size {tuple(mask.shape[-2:])} differs from image size {tuple(image.shape[-2:])}"
                 )
             f = self.codec.autoencoder.downsample_factor
-            latent_mask = torch.nn.functional.max_pool2d(mask.to(self.device, torch.float32), f)
+            # a soft mask is cut at 0.5 first, as diffusers does: the sampler's per-step replacement and an
+            # inpainting UNet's mask channel take 0 or 1 (the final paste-back below keeps the soft edge)
+            binary = (mask.to(self.device, torch.float32) >= 0.5).float()
+            latent_mask = torch.nn.functional.max_pool2d(binary, f)
         return InitImage(latents, strength=strength, mask=latent_mask)
 
     def _inpainting_input(

@@ -133,3 +133,17 @@ def test_img2img_and_inpainting_match_a_diffusers_loop():
         torch.testing.assert_close(ours, diffusers_loop(strength, m), rtol=0, atol=1e-5)
     pasted = pipe(prompts, sampler, scale, seeds, init_image=image, strength=0.6, mask=mask)
     torch.testing.assert_close(pasted[..., :5], image[..., :5].expand(2, -1, -1, -1), rtol=0, atol=0)
+
+
+def test_a_soft_mask_is_cut_at_one_half_for_the_latents():
+    """diffusers' inpainting pipelines binarise the mask at 0.5; fractional values would reach the per-step
+    replacement and an inpainting UNet's mask channel, which only ever saw 0 and 1 in training."""
+    pipe = tiny_pipe()
+    image = torch.rand(1, 3, 16, 16)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., :8] = 0.3  # below one half: kept
+    mask[..., 8:12] = 0.7  # above: repainted
+    init = pipe._init(image, 1.0, mask, 1)
+    expected = torch.zeros(1, 1, 8, 8)
+    expected[..., 4:6] = 1.0  # latent columns 4-5 cover pixel columns 8-11 (factor 2)
+    assert torch.equal(init.mask, expected)

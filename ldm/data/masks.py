@@ -133,6 +133,6 @@ def _segment_distance(ys: Tensor, xs: Tensor, a: tuple[float, float], b: tuple[f
 
 def inpainting_input(latents: Tensor, mask: Tensor) -> Tensor:
     """The extra UNet input channels of an inpainting model: [mask, latents with the generated region zeroed],
-    (B, 1 + C, h, w). Zero is the latent distribution's mean after normalisation, so a masked cell carries
-    no information."""
+    (B, 1 + C, h, w). A zeroed cell is near the latents' mean only when the shift is their mean (the default shift
+    is 0); the mask channel is what tells the network which cells to generate."""
     return torch.cat([mask, latents * (1 - mask)], dim=1)
