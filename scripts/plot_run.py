@@ -35,6 +35,10 @@ def wandb_records(path: Path):
             pos += room
             continue
         length, kind = struct.unpack_from("<HB", data, pos + 4)
+        if pos + 7 + length > len(
+            data
+        ):  # a record still being written (or cut off by a kill): the log ends here
+            break
         payload = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == 0 and length == 0:
@@ -48,7 +52,11 @@ def wandb_records(path: Path):
 
 def read_wandb_history(run: Path) -> list[dict]:
     """Logged scalar rows ({key: value, '_step': n}) of an offline run dir or its .wandb file."""
-    path = run if run.suffix == ".wandb" else next(run.glob("*.wandb"))
+    path = run if run.suffix == ".wandb" else next(run.glob("*.wandb"), None)
+    if path is None:
+        raise FileNotFoundError(
+            f"no .wandb file in {run}: pass an offline run dir, a .wandb file or a metrics.csv"
+        )
     rows = []
     for record in wandb_records(path):
         if record.WhichOneof("record_type") == "history":
@@ -146,7 +154,12 @@ def main() -> None:
     parser.add_argument("--title", default=None)
     args = parser.parse_args()
     run = Path(args.run)
-    rows = read_csv_history(run) if run.suffix == ".csv" else read_wandb_history(run)
+    if not run.exists():
+        sys.exit(f"no such run: {run}")
+    try:
+        rows = read_csv_history(run) if run.suffix == ".csv" else read_wandb_history(run)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(str(err))
     if not rows:
         sys.exit(f"no logged scalars in {run}")
     plot(rows, Path(args.out), args.title or str(run))

@@ -21,12 +21,21 @@ def main(cfg: DictConfig) -> None:
     )
     from ldm.utils.checkpoint import BUNDLE_KEY, atomic_save
 
+    if not Path(cfg.ckpt).is_file():
+        raise FileNotFoundError(f"ckpt={cfg.ckpt}: no such checkpoint file")
     folders = cfg.snapshots or default_snapshot_folder(cfg.ckpt)
     folders = list(folders) if isinstance(folders, ListConfig) else [folders]
     snapshots = find_snapshots(folders)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(folders[-1]).parent / "posthoc"
     widths = [float(w) for w in (cfg.sigma_rel if isinstance(cfg.sigma_rel, ListConfig) else [cfg.sigma_rel])]
     steps = list(cfg.step) if isinstance(cfg.step, ListConfig) else [cfg.step]
+    # every width and step checked before the checkpoint is read and anything is written
+    for width in widths:
+        sigma_rel_to_gamma(width)
+    missing = [s for s in steps if s is not None and s not in {snap.step for snap in snapshots}]
+    if missing:
+        have = ", ".join(str(snap.step) for snap in snapshots)
+        raise ValueError(f"no snapshot at step {missing}; snapshots exist at steps {have}")
     print(
         f"{len(snapshots)} snapshots (steps {snapshots[0].step}..{snapshots[-1].step}, sigma_rel "
         f"{_widths(snapshots[-1].gammas)}) in {', '.join(map(str, folders))}"

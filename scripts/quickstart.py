@@ -33,10 +33,37 @@ HELD_OUT_PROMPTS = [
 ]
 
 
+# written into the output folder: the clean-up in main() only ever runs in a folder with it
+MARK = ".quickstart_out"
+
+
+def check_out_folder(out: Path, mark: bool = False) -> None:
+    """Exit unless `out` is absent, empty or a quickstart's own output folder (the clean-up removes its vae/, ldm/,
+    samples/ and data/latents: in any other folder, `--out .` above all, they are not the quickstart's to remove).
+    A folder with an earlier quickstart's shards, written before the mark existed, counts as its own."""
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARK).is_file() and not (out / "data" / "train" / "shapes-000000.tar").is_file():
+            sys.exit(
+                f"--out {out} is not a quickstart output folder (it holds other files, and the quickstart "
+                "replaces its vae/, ldm/, samples/ and data/ subfolders): pass a new or empty folder"
+            )
+    elif out.exists() and not out.is_dir():
+        sys.exit(f"--out {out} is not a folder")
+    if mark:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARK).write_text(
+            "written by scripts/quickstart.py; its next run may replace this folder's contents\n"
+        )
+
+
 def run(cmd: list[str], label: str, timings: dict) -> None:
     print(f"\n=== {label}\n$ {shlex.join(cmd)}", flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if result.returncode != 0:  # stop here: later steps read this one's outputs
+        sys.exit(
+            f"=== quickstart failed at step '{label}' (exit status {result.returncode}); its output is above"
+        )
     timings[label] = round(time.perf_counter() - start, 1)
     print(f"=== {label}: {timings[label]:.0f} s", flush=True)
 
@@ -74,6 +101,7 @@ def main() -> None:
     from ldm.data.synthetic import judge, parse_caption, write_synthetic_shards
 
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
+    check_out_folder(out, mark=True)
     timings: dict[str, float] = {}
     total_start = time.perf_counter()
     py = sys.executable
@@ -97,7 +125,8 @@ def main() -> None:
     )
     timings["data"] = round(time.perf_counter() - start, 1)
     urls = f"{out / 'data' / 'train'}/shapes-{{000000..{len(train_shards) - 1:06d}}}.tar"
-    logger = f"logger={args.logger}"
+    # the W&B runs stay offline under the output folder even with an API key configured (README, docs/dashboards.md)
+    logger = [f"logger={args.logger}", *(["logger.offline=true"] if args.logger == "wandb" else [])]
 
     vae_dir, cache_dir, val_cache_dir, ldm_dir, sample_dir = (
         out / "vae",
@@ -120,7 +149,7 @@ def main() -> None:
         f"hydra.run.dir={vae_dir}",
         f'data.train_urls="{urls}"',
         f"data.val_urls={out / 'data' / 'val'}",
-        logger,
+        *logger,
     ]
     if args.vae_steps:
         vae += [f"trainer.max_steps={args.vae_steps}", f"stage.loss.disc_start={args.vae_steps * 3 // 4}"]
@@ -147,7 +176,7 @@ def main() -> None:
         f"hydra.run.dir={ldm_dir}",
         f"data.train_urls={cache_dir}",
         f"data.val_urls={val_cache_dir}",
-        logger,
+        *logger,
     ]
     if args.ldm_steps:  # and the held-out loss twice, as the full run's 4 times in 1100 steps
         ldm += [

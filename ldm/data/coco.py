@@ -11,8 +11,9 @@ first N samples in order), so the evaluation set is defined here, once, and writ
   samples).
 
 Missing and undecodable images are skipped and counted, never fatal; the next image in the order takes the place,
-so `num_images` is the number written. Each shard is written to a temporary name and renamed when complete, and
-`coco_shards.json` records the protocol (annotation file and its hash, seed, caption choice, counts, skips).
+so `num_images` is the number written. Each shard is written to a temporary name and renamed when complete (a
+rerun into the same folder removes the earlier run's shards beyond its own), and `coco_shards.json` records the
+protocol (annotation file and its hash, seed, caption choice, counts, skips).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import logging
 import os
 import random
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -134,6 +136,12 @@ def coco_to_shards(
         writer.write({"__key__": key, ext: data, "txt": chosen.encode(), "json": json.dumps(meta).encode()})
         written += 1
     close()
+    # an earlier run's shards beyond this run's last: the evaluation reads the folder's *.tar, all of them
+    shard_name = re.compile(rf"{re.escape(prefix)}-\d{{6}}\.tar")
+    for stale in sorted(out.glob(f"{prefix}-*.tar")):
+        if stale.name not in shards and shard_name.fullmatch(stale.name):
+            log.info("removing %s, an earlier run's shard", stale)
+            stale.unlink()
     if wanted is not None and written < wanted:
         raise ValueError(
             f"only {written} of num_images={wanted} images could be written from {images_dir} "

@@ -13,6 +13,7 @@ import argparse
 import io
 import json
 import math
+import os
 import random
 import re
 import time
@@ -211,7 +212,8 @@ def write_synthetic_shards(
     templates: indices of the caption templates to draw from (default: all `NUM_TEMPLATES`). `(0,)` writes every
     caption as "a {color} {shape} on a {background} background", which a randomly initialised text tower can
     tell apart much sooner (the CPU quickstart; docs/benchmarks.md). The bytes written are a function of the
-    arguments only (tar mtimes are fixed at 0).
+    arguments only (tar mtimes are fixed at 0). Each shard is written to a temporary name and renamed when
+    complete: an interrupted run leaves no truncated shard under a shard's name.
     """
     if templates is not None:
         templates = [int(t) for t in templates]
@@ -225,13 +227,18 @@ def write_synthetic_shards(
     combos = training_combinations(holdout)
     paths: list[str] = []
     writer = None
+
+    def close() -> None:
+        if writer is not None:
+            writer.close()
+            os.replace(_partial(paths[-1]), paths[-1])
+
     for index in range(num_samples):
         if index % samples_per_shard == 0:
-            if writer is not None:
-                writer.close()
+            close()
             paths.append(str(out / f"{prefix}-{len(paths):06d}.tar"))
             # an int mtime: a float one costs a pax header per member, and reading them doubles tar parsing
-            writer = wds.TarWriter(paths[-1], encoder=False, mtime=0)
+            writer = wds.TarWriter(_partial(paths[-1]), encoder=False, mtime=0)
         color, shape = rng.choice(combos)
         background = rng.choice([c for c in COLORS if c != color])
         spec = SyntheticSpec(shape, color, background)
@@ -259,9 +266,13 @@ def write_synthetic_shards(
                 "json": json.dumps(meta).encode("utf-8"),
             }
         )
-    if writer is not None:
-        writer.close()
+    close()
     return paths
+
+
+def _partial(path: str) -> str:
+    """The temporary name a shard is written under (not matched by `*.tar`)."""
+    return str(Path(path).with_name(f".{Path(path).name}.tmp"))
 
 
 def brace_pattern(paths: Sequence[str]) -> str:
