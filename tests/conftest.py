@@ -22,6 +22,18 @@ if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for a test of small tensors, whose time is per-op overhead that threads only contend
+    over (files use it with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     """Files with slow tests first (keeping each file's order): scripts/test.sh hands whole files to the parallel
     workers in this order, so the long ones start early instead of ending the run with one worker left busy."""

@@ -20,13 +20,7 @@ from ldm.training.autoencoder_loss import (
 )
 from ldm.utils.weights import MissingWeightsError, find_weights
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -11,13 +11,7 @@ from ldm.models.autoencoder import DiagonalGaussian
 from ldm.models.lpips import LPIPS, SLICE_ENDS
 from ldm.training.autoencoder_loss import AutoencoderLoss
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images(batch: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:

@@ -239,7 +239,6 @@ def test_lease_mode_writes_its_four_tables_even_with_no_time_left(tmp_path):
 def test_gpu_plan_finds_the_largest_batch_first_and_compiles_at_it(monkeypatch):
     """The GPU fast-path plan's control flow, against a stand-in for the case processes (no GPU here): a card where
     batch 256 fits (1024 with checkpointing) and compile doubles the speed."""
-    import argparse
     from dataclasses import asdict
 
     import bench.run as bench_run
@@ -263,17 +262,7 @@ def test_gpu_plan_finds_the_largest_batch_first_and_compiles_at_it(monkeypatch):
 
     monkeypatch.setattr(bench_run, "spawn", case_process)
     monkeypatch.setattr(bench_run, "_on_gpu", lambda: True)
-    args = argparse.Namespace(
-        fast_sizes=["sd2"],
-        quick=False,
-        compile=False,
-        encode=False,
-        batch=None,
-        iters=5,
-        warmup=2,
-        cpu_peak={},
-    )
-    results, rows = bench_run.mode_fastpaths(args)
+    results, rows = bench_run.mode_fastpaths(_lease_args())
     ran = [(r["case"]["label"], r["case"]["batch"]) for r in results if r["case"]["kind"] == "train"]
     assert ran[:4] == [
         ("defaults", 64),
@@ -296,7 +285,6 @@ def test_gpu_plan_finds_the_largest_batch_first_and_compiles_at_it(monkeypatch):
 def test_gpu_plan_does_not_time_the_defaults_twice_when_no_larger_batch_fits(monkeypatch):
     """A card where only the default batch (64) fits: the defaults row is the largest batch, reused, not timed again
     in a process of its own, and compile at the largest batch is the torch.compile row already there."""
-    import argparse
     from dataclasses import asdict
 
     import bench.run as bench_run
@@ -313,17 +301,7 @@ def test_gpu_plan_does_not_time_the_defaults_twice_when_no_larger_batch_fits(mon
 
     monkeypatch.setattr(bench_run, "spawn", case_process)
     monkeypatch.setattr(bench_run, "_on_gpu", lambda: True)
-    args = argparse.Namespace(
-        fast_sizes=["sd2"],
-        quick=False,
-        compile=False,
-        encode=False,
-        batch=None,
-        iters=5,
-        warmup=2,
-        cpu_peak={},
-    )
-    results, rows = bench_run.mode_fastpaths(args)
+    results, rows = bench_run.mode_fastpaths(_lease_args())
     assert spawned.count(("defaults", 64)) == 1 and ("largest batch", 64) not in spawned
     assert ("largest batch + torch.compile", 64) not in spawned
     largest = next(r for r in results if r["case"]["label"] == "largest batch")
@@ -409,3 +387,19 @@ def test_eval_mode_times_both_extractors_and_precision_recall(tmp_path):
     for key in ("inception_ms_per_image", "dinov2_ms_per_image", "prc_2048_s", "prc_1024_s"):
         assert result[key] > 0, key
     assert "| DINOv2 ViT-S/14, 224 px (ms/image) |" in proc.stdout  # quick: the small one
+
+
+def _lease_args():
+    """`bench/run.py fastpaths` as the GPU lease runs it, for the SD2-size UNet."""
+    import argparse
+
+    return argparse.Namespace(
+        fast_sizes=["sd2"],
+        quick=False,
+        compile=False,
+        encode=False,
+        batch=None,
+        iters=5,
+        warmup=2,
+        cpu_peak={},
+    )

@@ -135,25 +135,14 @@ def test_lr_monitor_of_the_configs_trains_without_a_logger(tmp_path):
     """`~logger` (run.train passes logger=False): Lightning's LearningRateMonitor refuses a Trainer without a
     logger, so the configs' monitor must let such a run train (there is nothing to log the LR to)."""
     for stage in ("diffusion", "autoencoder"):
-        callbacks = OmegaConf.load(CONFIGS / "callbacks" / f"{stage}.yaml")
-        trainer = L.Trainer(
-            max_steps=2,
-            logger=False,
-            callbacks=[instantiate(callbacks.lr_monitor)],
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp_path,
-        )
-        trainer.fit(BoringModel())
-        assert trainer.global_step == 2
+        assert _fit_with_the_lr_monitor(stage, tmp_path, steps=2, logger=False).global_step == 2
 
 
-def test_lr_monitor_of_the_configs_logs_with_a_logger(tmp_path):
-    callbacks = OmegaConf.load(CONFIGS / "callbacks" / "diffusion.yaml")
-    logger = L.pytorch.loggers.CSVLogger(tmp_path, name="csv")
+def _fit_with_the_lr_monitor(stage: str, tmp_path, steps: int, logger) -> L.Trainer:
+    """Lightning's demo model trained `steps` steps with the LR monitor of `configs/callbacks/<stage>.yaml`."""
+    callbacks = OmegaConf.load(CONFIGS / "callbacks" / f"{stage}.yaml")
     trainer = L.Trainer(
-        max_steps=3,
+        max_steps=steps,
         logger=logger,
         log_every_n_steps=1,
         callbacks=[instantiate(callbacks.lr_monitor)],
@@ -163,6 +152,12 @@ def test_lr_monitor_of_the_configs_logs_with_a_logger(tmp_path):
         default_root_dir=tmp_path,
     )
     trainer.fit(BoringModel())
+    return trainer
+
+
+def test_lr_monitor_of_the_configs_logs_with_a_logger(tmp_path):
+    logger = L.pytorch.loggers.CSVLogger(tmp_path, name="csv")
+    _fit_with_the_lr_monitor("diffusion", tmp_path, steps=3, logger=logger)
     logger.save()
     header = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0]
     assert "lr-SGD" in header

@@ -19,24 +19,9 @@ from ldm.models.attention import CrossAttention, SpatialTransformer
 from ldm.models.convert_unet import diffusers_unet_config, unet_to_layout
 from ldm.models.layers import ResnetBlock, group_norm, timestep_embedding
 
-TINY_UNET = dict(
-    model_channels=64,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_resolutions=(1, 2),
-    head_dim=32,
-    transformer_depth=1,
-    context_dim=128,
-)
-TINY_VAE = dict(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4)
+from .test_models import TINY_UNET, TINY_VAE
 
-
-@pytest.fixture(autouse=True)
-def _one_thread_for_small_models():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturbed_unet(**kwargs) -> CrossAttentionUNet:
