@@ -5,6 +5,8 @@
 #   bash scripts/slurm_local.sh down    stop the daemons started by `up`
 #   bash scripts/slurm_local.sh status  sinfo
 # State and logs live in $SLURM_LOCAL_DIR (default /tmp/slurm). Exit status 3: Slurm cannot be installed here.
+# `up` writes /etc/slurm/slurm.conf and adds node1/node2 to /etc/hosts, and `down` leaves both (and munged) in
+# place: for a machine without a Slurm of its own (CI, a workstation), never on a real cluster's node.
 set -euo pipefail
 dir=${SLURM_LOCAL_DIR:-/tmp/slurm}
 conf=/etc/slurm/slurm.conf
