@@ -57,6 +57,7 @@ from ldm.utils.checkpoint import (
     fsync_dir,
     fsync_file,
     load_bundle,
+    publish,
     save_safetensors,
     submodule_state,
 )
@@ -395,11 +396,8 @@ def _write_sd(parts: ExportedParts, out: Path, dtype: torch.dtype) -> dict:
     try:
         save_safetensors(_cast(state, dtype), tmp, metadata=metadata)
         tmp_yaml.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        fsync_file(tmp)
-        fsync_file(tmp_yaml)
-        os.replace(tmp, out)
-        os.replace(tmp_yaml, yaml_path)
-        fsync_dir(out.parent)
+        publish(tmp, out)
+        publish(tmp_yaml, yaml_path)
     finally:
         tmp.unlink(missing_ok=True)
         tmp_yaml.unlink(missing_ok=True)

@@ -30,7 +30,7 @@ from ldm.data.latents import (
 )
 from ldm.data.transforms import ImageTransform, SampleError, decode_caption
 from ldm.data.webdataset import ImageDecoder, SkipCounter, TarSamples, expand_urls
-from ldm.utils.checkpoint import fsync_dir, fsync_file
+from ldm.utils.checkpoint import publish
 
 
 def cache_info(
@@ -259,9 +259,7 @@ def cache_latents(
             report.sizes[size] = report.sizes.get(size, 0) + len(batch["key"])
         if batch["last"]:
             writer.close()
-            fsync_file(tmp)  # a resumed job trusts every named shard: a power loss must not leave one empty
-            os.replace(tmp, out_dir / shard_name(url))
-            fsync_dir(out_dir)
+            publish(tmp, out_dir / shard_name(url))  # a resumed job trusts every named shard
             del writers[url]
             report.shards_written += 1
             for reason, n in batch["skipped"].items():

@@ -276,7 +276,7 @@ def read_cache_info(urls: str | Sequence[str]) -> dict | None:
         return None
     info = json.loads(path.read_text())
     for folder in dict.fromkeys(Path(u).parent for u in local):
-        if not (folder / CACHE_INFO).is_file():
+        if folder == path.parent or not (folder / CACHE_INFO).is_file():
             continue
         other = json.loads((folder / CACHE_INFO).read_text())
         for key in CACHE_KEYS_THAT_MUST_AGREE:

@@ -35,9 +35,8 @@ from ldm.utils.checkpoint import (
     BUNDLE_KEY,
     CONTENTS_KEY,
     WEIGHTS_ONLY,
-    fsync_dir,
-    fsync_file,
     load_bundle,
+    publish,
     save_safetensors,
 )
 
@@ -133,14 +132,12 @@ def save_snapshot(
         "sigma_rels": json.dumps([gamma_to_sigma_rel(g) for g in power_ema.gammas]),
     }
     tmp = path.with_name(f".{path.name}.tmp")
-    try:  # as atomic_save: on disk before the rename makes it visible, and no temporary file left by a failure
+    try:  # as atomic_save: no temporary file left by a failure
         save_safetensors(tensors, tmp, metadata=metadata)
-        fsync_file(tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
     return path
 
 

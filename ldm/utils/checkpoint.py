@@ -76,6 +76,14 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Give a fully written temporary file its name: fsync it, rename it over `path`, fsync the folder. After a
+    power loss the name holds the old file or the whole new one, never an empty one."""
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the target directory, fsync, rename over `path`, fsync the directory.
 
