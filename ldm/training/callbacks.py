@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from ldm.sampling import late_start_warning
 from ldm.training.fsdp import is_sharded
-from ldm.training.resume import PreemptionCallback, rng_state, set_rng_state
+from ldm.training.resume import due_at_step, rng_state, set_rng_state, stopped_by_preemption
 from ldm.utils.images import labelled_grid, save_png
 
 
@@ -26,18 +26,6 @@ def _log_image(trainer: L.Trainer, key: str, image, caption: str) -> None:
 
 def _out_dir(trainer: L.Trainer, name: str) -> Path:
     return Path(trainer.default_root_dir) / name
-
-
-def _stepped(trainer: L.Trainer, batch_idx: int) -> bool:
-    """Whether this batch ended an optimizer step: with gradient accumulation the other micro-batches carry the
-    count of the step before (also those of the first step after a resume from a checkpoint of a grid's step)."""
-    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
-
-
-def _preempted(trainer: L.Trainer) -> bool:
-    """Whether training stopped on the preemption signal: the run is not at its end (its requeued job goes on), and
-    the time left before the kill is for the checkpoint and the requeue, not for end-of-training grids."""
-    return any(isinstance(c, PreemptionCallback) and c.preempted for c in trainer.callbacks)
 
 
 @contextmanager
@@ -103,13 +91,11 @@ class SampleGridCallback(L.Callback):
             rank_zero_warn(f"sample grids: {warning}")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        due = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
-        if due and _stepped(trainer, batch_idx):
+        if due_at_step(trainer, batch_idx, self.every_n_steps):
             self.make_grid(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.at_train_end and not _preempted(trainer):
+        if self.at_train_end and not stopped_by_preemption(trainer):
             self.make_grid(trainer, pl_module)
 
     def caption(self, step: int) -> str:
@@ -177,14 +163,12 @@ class ReconstructionGridCallback(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._batch = batch["image"][: self.num_images].detach()
-        step = trainer.global_step
-        due = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0
-        if due and _stepped(trainer, batch_idx):
+        if due_at_step(trainer, batch_idx, self.every_n_steps):
             self.make_grid(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
         done = trainer.global_step == self._last_step  # the last step's grid is made
-        if self.at_train_end and self._batch is not None and not done and not _preempted(trainer):
+        if self.at_train_end and self._batch is not None and not done and not stopped_by_preemption(trainer):
             self.make_grid(trainer, pl_module)
 
     @rank_zero_only

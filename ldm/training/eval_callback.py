@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from ldm.training.callbacks import _preempted, _stepped
 from ldm.training.fsdp import is_sharded
+from ldm.training.resume import due_at_step, stopped_by_preemption
 
 
 class EvalCallback(L.Callback):
@@ -106,12 +106,11 @@ class EvalCallback(L.Callback):
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.enabled and step > 0 and step % self.every_n_steps == 0 and _stepped(trainer, batch_idx):
+        if due_at_step(trainer, batch_idx, self.every_n_steps):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.enabled and self.at_train_end and not _preempted(trainer):
+        if self.enabled and self.at_train_end and not stopped_by_preemption(trainer):
             self.evaluate(trainer, pl_module)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict | None:

@@ -110,6 +110,30 @@ def preemption_signals() -> list[int]:
     return signums
 
 
+def ends_optimizer_step(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether this batch completes an optimizer step. Under gradient accumulation the other micro-batches carry
+    the count of the step before (also the first ones after a resume from that step's checkpoint): what runs once
+    per step (a checkpoint, a grid, an evaluation, the speed metrics) runs on this one."""
+    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+
+
+def due_at_step(trainer: L.Trainer, batch_idx: int, every_n_steps: int) -> bool:
+    """Whether a task done every `every_n_steps` optimizer steps (0: never) is due on this batch."""
+    step = trainer.global_step
+    return (
+        every_n_steps > 0
+        and step > 0
+        and step % every_n_steps == 0
+        and ends_optimizer_step(trainer, batch_idx)
+    )
+
+
+def stopped_by_preemption(trainer: L.Trainer) -> bool:
+    """Whether training stopped on the preemption signal: the run is not at its end (its requeued job goes on), and
+    the time left before the kill is for the checkpoint and the requeue, not for end-of-training grids."""
+    return any(isinstance(c, PreemptionCallback) and c.preempted for c in trainer.callbacks)
+
+
 class PreemptionCallback(L.Callback):
     """On one of `signums` (default: `preemption_signals()`): at the next optimizer-step boundary every rank saves
     `hpc_ckpt_<n>.ckpt` in the run dir (where Lightning looks on a Slurm restart) and training stops;
@@ -141,7 +165,7 @@ class PreemptionCallback(L.Callback):
         return previous if callable(previous) else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if (batch_idx + 1) % trainer.accumulate_grad_batches != 0 or self.preempted:
+        if not ends_optimizer_step(trainer, batch_idx) or self.preempted:
             return  # mid-accumulation: the checkpoint would hold half a step
         flag = torch.tensor([int(self.signalled)], device=pl_module.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -9,6 +9,7 @@ import time
 import lightning as L
 import torch
 
+from ldm.training.resume import ends_optimizer_step
 from ldm.utils.speed import FlopCounter, compute_type, device_peak_tflops
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class ThroughputCallback(L.Callback):
             scale = numel / self.flops_numel if numel and self.flops_numel else 1.0
             self._flops += self.flops_per_batch * scale
             self._hw_flops += (self.hw_flops_per_batch or self.flops_per_batch) * scale
-        if (batch_idx + 1) % trainer.accumulate_grad_batches != 0:
+        if not ends_optimizer_step(trainer, batch_idx):
             return
         now, wait = time.perf_counter(), self._wait(trainer)
         dt = max(now - (self._t0 or now), 1e-9)
