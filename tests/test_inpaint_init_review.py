@@ -50,11 +50,12 @@ class _Module(nn.Module):
 def test_init_from_carries_weights_ema_and_scale_and_widens_the_input_conv():
     torch.manual_seed(0)
     src = _Module()
-    src.codec.scale.fill_(0.18215)
+    measured = 0.4321  # a latent scale the source run measured: it must come along, not be reset
+    src.codec.scale.fill_(measured)
     src.ema.num_updates.fill_(7)
     dst = _Module(in_channels=9)
     load_init_weights(dst, {"state_dict": src.state_dict()}, "t2i.ckpt")
-    assert int(dst.ema.num_updates) == 7 and float(dst.codec.scale) == pytest.approx(0.18215)
+    assert int(dst.ema.num_updates) == 7 and float(dst.codec.scale) == pytest.approx(measured)
     for unet, ref in ((dst.unet, src.unet), (dst.ema.module, src.ema.module)):
         w = unet.input_blocks[0][0].weight
         assert torch.equal(w[:, :4], ref.input_blocks[0][0].weight) and not w[:, 4:].any()
